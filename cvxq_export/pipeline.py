@@ -1,0 +1,170 @@
+"""The stages glued together: calibrate (cached), plan, quantize, apply.
+
+Each stage takes and returns plain data (Sensitivities, Plan, quantized
+tensors), so the CLI can run any one alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .allocate import allocate, cost_range
+from .calibrate import CalibrationSettings, Sensitivities, calibrate
+from .errors import CvxqError, InfeasibleBudget
+from .model import LoadedModel, WeightRef
+from .native import (OPTIONS, Geometry, NativeMenu, NativeTensor, build_menu, quantize_tensor,
+                     tensor_padding_allowance, unit_bits)
+from .plan import Plan, TensorPlan
+from .textdata import calibration_windows, read_text
+
+SCOPES = ("all", "blocks")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("CVXQ_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cvxq-export")
+    return Path(base)
+
+
+def sensitivities_key(fingerprint: str, settings: CalibrationSettings, text: str) -> str:
+    h = hashlib.sha256()
+    h.update(fingerprint.encode())
+    h.update(repr(sorted(asdict(settings).items())).encode())
+    h.update(hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class CalibrationOutcome:
+    sens: Sensitivities
+    path: Path
+    cached: bool
+
+
+def calibrate_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
+                     device: str = "cpu", progress: bool = True, use_cache: bool = True) -> CalibrationOutcome:
+    """Calibrate, or reuse a cached result for the same model, text and settings."""
+    from .calibrate import model_fingerprint
+
+    text, source = read_text(calibration)
+    settings = CalibrationSettings(**{**asdict(settings), "calibration": source})
+    fingerprint = model_fingerprint(loaded)
+    path = cache_dir() / f"sens-{sensitivities_key(fingerprint, settings, text)}.safetensors"
+    if use_cache and path.is_file():
+        sens = Sensitivities.load(path)
+        if sens.model_fingerprint == fingerprint:
+            return CalibrationOutcome(sens, path, True)
+    windows = calibration_windows(loaded.tokenizer, calibration, settings.n_windows, settings.seq_len, settings.seed)
+    sens = calibrate(loaded, windows.ids, settings, device=device, progress=progress)
+    sens.save(path)
+    return CalibrationOutcome(sens, path, False)
+
+
+def select_weights(loaded: LoadedModel, scope: str) -> list[WeightRef]:
+    if scope not in SCOPES:
+        raise CvxqError(f"unknown scope '{scope}'", f"use one of: {', '.join(SCOPES)}")
+    return [r for r in loaded.weights if scope == "all" or r.in_block]
+
+
+def unquantized_bytes(loaded: LoadedModel, refs: list[WeightRef]) -> int:
+    """fp16 bytes of every parameter not in ``refs`` (norms, biases, skipped weights).
+    Tied parameters count once."""
+    quantized = {r.name for r in refs} | {n for r in refs for n in r.also}
+    return sum(2 * p.numel() for name, p in loaded.model.named_parameters() if name not in quantized)
+
+
+def fixed_bytes(loaded: LoadedModel, refs: list[WeightRef]) -> int:
+    return unquantized_bytes(loaded, refs) + tensor_padding_allowance() * len(refs)
+
+
+def native_size_range(loaded: LoadedModel, refs: list[WeightRef], geometry: Geometry, stat_row_group: int) -> tuple[int, int]:
+    """Smallest and largest achievable bytes, without calibration (costs depend
+    only on shapes), so an infeasible budget fails before the long work."""
+    lo = hi = 0
+    for ref in refs:
+        r = geometry.row_group_for(ref.rows, stat_row_group)
+        n_units = ref.numel // (r * geometry.col_group)
+        size = r * geometry.col_group
+        lo += n_units * unit_bits(0, size)
+        hi += n_units * unit_bits(max(b for b, _ in OPTIONS), size)
+    fixed = fixed_bytes(loaded, refs)
+    return fixed + lo // 8, fixed + hi // 8
+
+
+def check_budget(budget: int, size_range: tuple[int, int]) -> None:
+    lo, hi = size_range
+    if not lo <= budget <= hi:
+        raise InfeasibleBudget(budget, lo, hi)
+
+
+def plan_native(loaded: LoadedModel, sens: Sensitivities, budget: int, *, scope: str = "all",
+                geometry: Geometry = Geometry(), progress: bool = True,
+                menu: NativeMenu | None = None) -> tuple[Plan, NativeMenu]:
+    """Allocate bit depths per unit under ``budget`` bytes (whole weights)."""
+    refs = select_weights(loaded, scope)
+    fixed = fixed_bytes(loaded, refs)
+    if menu is None:
+        menu = build_menu(loaded, sens, refs, geometry, progress=progress)
+    lo_bits, hi_bits = cost_range(menu.menu)
+    check_budget(budget, (fixed + lo_bits // 8, fixed + hi_bits // 8))
+    # The allocator counts bits; the fixed part and the budget are whole bytes.
+    alloc = allocate(menu.menu, budget * 8, fixed * 8, unit="bits")
+    opt_bits = np.array([b for b, _ in OPTIONS], dtype=np.uint8)
+    opt_kind = np.array([k for _, k in OPTIONS], dtype=np.uint8)
+    tensors: list[TensorPlan] = []
+    from .native import encode_map, native_tensor_bytes
+
+    for t in menu.tensors:
+        choice = alloc.choice[t.start : t.start + t.n_units]
+        unit_map = encode_map(opt_bits[choice], opt_kind[choice])
+        dist = float(menu.menu.distortion[np.arange(t.start, t.start + t.n_units), choice].sum())
+        tensors.append(TensorPlan(t.ref.name, t.ref.rows, t.ref.cols, "native", t.row_group, t.col_group, unit_map,
+                                  native_tensor_bytes(unit_map, t.unit_size), dist))
+    total = fixed - tensor_padding_allowance() * len(refs) + sum(t.bytes for t in tensors)
+    plan = Plan("native", budget, total, fixed, alloc.lam, alloc.distortion, fixed + lo_bits // 8,
+                fixed + hi_bits // 8, loaded.source.display, sens.model_fingerprint, tensors, scope)
+    if total > budget:  # the padding allowance makes this impossible; keep the promise checked
+        raise AssertionError(f"plan uses {total} bytes > budget {budget}")
+    return plan, menu
+
+
+def quantize_plan(loaded: LoadedModel, sens: Sensitivities, plan: Plan, *, progress: bool = True) -> dict[str, NativeTensor]:
+    from tqdm.auto import tqdm
+
+    if plan.model_fingerprint != sens.model_fingerprint:
+        raise CvxqError("the plan was made for a different model than the one loaded", "re-plan for this model")
+    refs = {r.name: r for r in loaded.weights}
+    out: dict[str, NativeTensor] = {}
+    for tp in tqdm(plan.tensors, desc="quantize", unit="tensor", disable=not progress):
+        if tp.name not in refs:
+            raise CvxqError(f"plan names tensor {tp.name}, which the model does not have", "re-plan for this model")
+        out[tp.name] = quantize_tensor(loaded, sens, refs[tp.name], tp.unit_map, tp.row_group, tp.col_group)
+    return out
+
+
+def apply_quantized(loaded: LoadedModel, qtensors: dict[str, NativeTensor], sens: Sensitivities | None = None,
+                    *, bias_correction: bool = True) -> list[str]:
+    """Write the dequantized weights into the model in place. Where a layer has
+    a bias, fold in CVXQ's bias correction. Returns the names corrected."""
+    import torch
+
+    from .quantizers import bias_correction as correct
+
+    corrected = []
+    with torch.no_grad():
+        for name, qt in qtensors.items():
+            ref = qt.ref
+            param = loaded.model.get_parameter(name)
+            original = loaded.weight_tensor(ref).detach().clone()
+            new = qt.dequant.t() if ref.transposed else qt.dequant
+            param.copy_(new.to(param.dtype))
+            if bias_correction and ref.has_bias and sens is not None and sens[name].input_mean is not None:
+                module = loaded.model.get_submodule(ref.module)
+                mean = torch.from_numpy(sens[name].input_mean)
+                module.bias.copy_(correct(module.bias, original, qt.dequant, mean).to(module.bias.dtype))
+                corrected.append(name)
+    return corrected
