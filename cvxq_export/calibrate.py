@@ -182,6 +182,22 @@ def output_directions(loaded: LoadedModel, windows: np.ndarray, n_pcs: int, devi
     return directions.float(), s_evals.float()
 
 
+def probe_grad_sq(projected, signs, refs: list[WeightRef], params: dict, *, retain: bool = False):
+    """One random-sign probe: backpropagate ``sum_tk s_tk y_tk`` and yield
+    ``(name, G**2)`` with ``G`` the weight gradient ``[rows, cols]`` (float64).
+    Over random signs, ``E[G**2] = sum_tk (dy_tk/dW)**2``."""
+    for p in params.values():
+        p.grad = None
+    (projected * signs).sum().backward(retain_graph=retain)
+    for ref in refs:
+        g = params[ref.name].grad
+        if g is None:  # weight unused by the forward pass
+            continue
+        g = (g.t() if ref.transposed else g).double()
+        params[ref.name].grad = None  # free it before the next tensor's
+        yield ref.name, g * g
+
+
 def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSettings, *, device: str = "cpu",
               progress: bool = True) -> Sensitivities:
     """Run CVXQ calibration over ``windows`` ``[n, seq_len]`` token ids."""
@@ -233,18 +249,9 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
             n_inputs["tokens"] += ids.shape[1]
             for probe in range(settings.probes):
                 signs = (torch.randint(0, 2, projected.shape, generator=gen) * 2 - 1).to(projected)  # [T, k]
-                for p in params.values():
-                    p.grad = None
-                (projected * signs).sum().backward(retain_graph=probe + 1 < settings.probes)
-                for ref in refs:
-                    g = params[ref.name].grad
-                    if g is None:  # weight unused by the forward pass
-                        continue
-                    g = (g.t() if ref.transposed else g).double()
-                    g2 = g * g  # [rows, cols]
-                    grad_acc[ref.name] += _group_rows(g2, settings.row_group)
-                    row_acc[ref.name] += g2.mean(1)
-                    params[ref.name].grad = None
+                for name, g2 in probe_grad_sq(projected, signs, refs, params, retain=probe + 1 < settings.probes):
+                    grad_acc[name] += _group_rows(g2, settings.row_group)
+                    row_acc[name] += g2.mean(1)
             del logits, projected
     finally:
         for h in hooks:

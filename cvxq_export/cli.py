@@ -247,7 +247,12 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     geometry = Geometry(max_row_group=args.max_row_group)
     refs = select_weights(loaded, args.scope)
     if budget:
-        check_budget(budget, native_size_range(loaded, refs, geometry, 32))
+        size_range = native_size_range(loaded, refs, geometry, 32)
+        if breakdown is not None and budget > size_range[1]:
+            # A device with room to spare: the whole model at the largest option fits.
+            _log(args, f"device budget {format_size(budget)} exceeds the largest plan ({format_size(size_range[1])}); using that")
+            budget = size_range[1]
+        check_budget(budget, size_range)
     # calibration text length is checked here too (before calibrating)
     outcome = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet,
                                use_cache=not args.no_cache)
@@ -326,6 +331,12 @@ def cmd_eval(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse reads "--budget -5MB" as a missing value; join it so parse_size can explain
+    for i in range(len(argv) - 1):
+        if argv[i] == "--budget" and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            argv[i : i + 2] = [f"--budget={argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

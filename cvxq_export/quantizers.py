@@ -33,7 +33,7 @@ LOW_BIT_CLIP_GRID = CLIP_GRID + (0.4, 0.3, 0.2)  # 1-2 bits: the optimum sits fa
 # Companded scale search: multipliers of 3x the moment-matched Laplace scale.
 # A Laplace(b) source is best companded (high-rate, fixed-rate MSE) by the CDF
 # of the cube root of its density, which is Laplace(3b): CVXQ's 3/sqrt(2) RMS.
-LAPLACE_SCALE_GRID = tuple(2.0 ** (e / 4) for e in range(-4, 4))
+LAPLACE_SCALE_GRID = tuple(2.0 ** (e / 4) for e in range(-3, 2))
 
 
 @dataclass
@@ -133,7 +133,7 @@ def dequantize_companded(codes: torch.Tensor, offset: torch.Tensor, scale: torch
 def _nearest_level(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the nearest table entry for each normalised value z."""
     midpoints = (table[1:] + table[:-1]) / 2
-    return torch.bucketize(z, midpoints)
+    return torch.bucketize(z.contiguous(), midpoints)
 
 
 def quantize_companded(x: torch.Tensor, bits: int, weights: torch.Tensor | None = None,

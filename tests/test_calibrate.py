@@ -1,0 +1,112 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from cvxq_export.calibrate import CalibrationSettings, Sensitivities, calibrate, output_directions, probe_grad_sq
+from cvxq_export.model import load_model
+from cvxq_export.textdata import calibration_windows
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir))
+
+
+def _windows(loaded, n=4, seq_len=16, seed=0):
+    return calibration_windows(loaded.tokenizer, None, n, seq_len, seed).ids
+
+
+def test_shapes_and_tied_embedding(llama):
+    settings = CalibrationSettings(n_windows=3, seq_len=16, n_pcs=8, pca_windows=3, row_group=32)
+    sens = calibrate(llama, _windows(llama, 3), settings, progress=False)
+    names = {r.name for r in llama.weights}
+    assert set(sens.stats) == names
+    assert "lm_head.weight" not in names  # tied: one entry, under the embedding
+    for ref in llama.weights:
+        st = sens[ref.name]
+        assert st.grad_sq.shape == (-(-ref.rows // 32), ref.cols)
+        assert st.row_grad_sq.shape == (ref.rows,)
+        assert np.all(st.grad_sq >= 0) and st.grad_sq.sum() > 0
+        if ref.kind == "linear":
+            assert st.input_mean.shape == (ref.cols,)
+
+
+def test_deterministic_with_seed(llama, tmp_path):
+    settings = CalibrationSettings(n_windows=2, seq_len=16, n_pcs=4, pca_windows=2)
+    a = calibrate(llama, _windows(llama, 2), settings, progress=False)
+    b = calibrate(llama, _windows(llama, 2), settings, progress=False)
+    for name in a.stats:
+        np.testing.assert_array_equal(a[name].grad_sq, b[name].grad_sq)
+    a.save(tmp_path / "s.safetensors")
+    c = Sensitivities.load(tmp_path / "s.safetensors")
+    assert c.settings == a.settings and c.model_fingerprint == a.model_fingerprint
+    for name in a.stats:
+        np.testing.assert_array_equal(a[name].grad_sq, c[name].grad_sq)
+
+
+def _setup(llama, seq_len=3, k=2):
+    ids = torch.as_tensor(_windows(llama, 1, seq_len)[0])[None]
+    directions, _ = output_directions(llama, _windows(llama, 2, 16), k)
+    params = {r.name: llama.model.get_parameter(r.name) for r in llama.weights}
+    for p in llama.model.parameters():
+        p.requires_grad_(True)
+    return ids, directions, params
+
+
+def test_random_sign_estimator_is_exact_in_expectation(llama):
+    """Averaging G^2 over every sign pattern equals the per-(token, direction)
+    sum of squared gradients exactly: the estimator is unbiased."""
+    ids, directions, params = _setup(llama)
+    projected = llama.model(input_ids=ids).logits[0].float() @ directions  # [T, k]
+    T, k = projected.shape
+    exact = {n: 0 for n in params}
+    for t in range(T):
+        for j in range(k):
+            mask = torch.zeros(T, k)
+            mask[t, j] = 1
+            for name, g2 in probe_grad_sq(projected, mask, llama.weights, params, retain=True):
+                exact[name] = exact[name] + g2
+    mean = {n: 0 for n in params}
+    patterns = list(itertools.product((-1.0, 1.0), repeat=T * k))
+    for signs in patterns:
+        s = torch.tensor(signs).reshape(T, k)
+        for name, g2 in probe_grad_sq(projected, s, llama.weights, params, retain=True):
+            mean[name] = mean[name] + g2 / len(patterns)
+    for name in params:
+        # float32 backward: equal up to its rounding
+        torch.testing.assert_close(mean[name], exact[name], rtol=1e-4, atol=1e-9)
+
+
+def test_calibrate_many_probes_approaches_exact(llama):
+    """The statistic calibrate() stores, with many probes, is close to the exact sum."""
+    ids, directions, params = _setup(llama, seq_len=6, k=3)
+    settings = CalibrationSettings(n_windows=1, seq_len=6, n_pcs=3, pca_windows=2, probes=400, row_group=32)
+    windows = ids.numpy()
+    sens = calibrate(llama, windows, settings, progress=False)
+    # exact per-(t, k) sum with the same directions calibrate() used
+    d2, _ = output_directions(llama, windows[:2], 3)
+    projected = llama.model(input_ids=ids).logits[0].float() @ d2
+    ref = llama.weights[1]  # a block linear layer
+    exact = 0
+    for t in range(projected.shape[0]):
+        for j in range(projected.shape[1]):
+            mask = torch.zeros_like(projected)
+            mask[t, j] = 1
+            for name, g2 in probe_grad_sq(projected, mask, [ref], params, retain=True):
+                exact = exact + g2
+    exact_grouped = exact.numpy().reshape(-1, 32, ref.cols).mean(1) if ref.rows % 32 == 0 else None
+    est = sens[ref.name].grad_sq
+    rel = abs(est.sum() - exact_grouped.sum()) / exact_grouped.sum()
+    assert rel < 0.15, rel
+    corr = np.corrcoef(est.ravel(), exact_grouped.ravel())[0, 1]
+    assert corr > 0.9, corr
+
+
+def test_opt_calibrates(tiny_opt_dir):
+    opt = load_model(str(tiny_opt_dir))
+    assert any(r.kind == "linear" for r in opt.weights)
+    settings = CalibrationSettings(n_windows=2, seq_len=16, n_pcs=4, pca_windows=2)
+    sens = calibrate(opt, _windows(opt, 2), settings, progress=False)
+    assert all(sens[r.name].grad_sq.sum() > 0 for r in opt.weights)
