@@ -26,7 +26,7 @@ import torch
 from cvxq_export.calibrate import CalibrationSettings
 from cvxq_export.evaluate import evaluate
 from cvxq_export.model import load_model
-from cvxq_export.native import build_menu
+from cvxq_export.native import build_menu, tensor_padding_allowance
 from cvxq_export.pipeline import apply_quantized, calibrate_cached, fixed_bytes, plan_native, quantize_plan, select_weights
 from cvxq_export.quantizers import rtn_bytes, rtn_groupwise
 from cvxq_export.textdata import evaluation_windows
@@ -74,7 +74,9 @@ def main() -> None:
     menu = build_menu(loaded, outcome.sens, refs)
     menu_s = time.perf_counter() - t_menu
     n_weights = sum(r.numel for r in refs)
-    fixed = fixed_bytes(loaded, refs)
+    # Budget = unquantized tensors + RTN's bytes: CVXQ's quantized tensors, with
+    # their real buffer padding, get at most what RTN used.
+    unquantized = fixed_bytes(loaded, refs) - tensor_padding_allowance() * len(refs)
     for bits in [int(b) for b in args.rtn_bits.split(",")]:
         rtn_total = sum(rtn_bytes(r.numel, bits, args.rtn_group) for r in refs)
         with torch.no_grad():
@@ -84,7 +86,8 @@ def main() -> None:
         restore()
         rows.append({"method": f"RTN {bits}-bit g{args.rtn_group}", "bytes": rtn_total, "bpw": 8 * rtn_total / n_weights,
                      "perplexity": rtn.perplexity})
-        plan, _ = plan_native(loaded, outcome.sens, fixed + rtn_total, scope="blocks", menu=menu)
+        plan, _ = plan_native(loaded, outcome.sens, unquantized + rtn_total, scope="blocks", menu=menu)
+        assert plan.quantized_bytes <= rtn_total
         q = quantize_plan(loaded, outcome.sens, plan)
         apply_quantized(loaded, q, outcome.sens)
         cv = evaluate(loaded.model, eval_ids, desc=f"eval cvxq@{bits}")

@@ -239,8 +239,9 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     check_positive(args)
     budget, _ = resolve_budget(args) if not getattr(args, "plan", None) else (0, None)
     out = check_output_dir(args.output, args.force)
-    if formats:
-        _log(args, f"note: formats {', '.join(formats)} are not implemented yet; writing the native plan, evaluation and report")
+    pending = [f for f in formats if f != "gguf"]
+    if pending:
+        _log(args, f"note: formats {', '.join(pending)} are not implemented yet")
     t0 = time.perf_counter()
     loaded, device = _load(args)
     budget, breakdown = resolve_budget(args, loaded) if not getattr(args, "plan", None) else (0, None)
@@ -258,6 +259,8 @@ def cmd_plan(args, *, full: bool = False) -> dict:
                                use_cache=not args.no_cache)
     sens = outcome.sens
     t_cal = time.perf_counter()
+    if "gguf" in formats:
+        return _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal)
     if getattr(args, "plan", None):
         plan = Plan.load(args.plan)
     else:
@@ -281,6 +284,32 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     result["timings"] = timings
     result["report"] = str(write_report(out, plan, loaded, sens, evaluation, breakdown, timings, formats))
     return result
+
+
+def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal) -> dict:
+    """The GGUF target: the budget is the whole .gguf file on disk."""
+    from .formats.gguf_target import export_gguf
+    from .io import write_json
+    from .sizes import format_size
+    from .textdata import evaluation_windows
+
+    plan = None
+    if getattr(args, "plan", None):
+        from .plan import Plan
+
+        plan = Plan.load(args.plan)
+        budget = plan.budget_bytes
+    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
+    info = export_gguf(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan)
+    info["timings"] = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
+                       "calibration_cached": outcome.cached}
+    write_json(out / "report.json", info)
+    _log(args, f"gguf: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(budget)}), types {info['types']}")
+    if "eval" in info:
+        e = info["eval"]
+        _log(args, f"perplexity: llama.cpp {e['llama_cpp_perplexity']:.3f}, PyTorch (same weights) {e['torch_perplexity']:.3f}, "
+                   f"difference {100 * e['relative_difference']:.3f} %")
+    return {"output": str(out), "gguf": info, "calibration_cached": outcome.cached, "sensitivities": str(outcome.path)}
 
 
 def _quantize_and_eval(args, loaded, sens, plan, device) -> dict:
@@ -321,8 +350,19 @@ def cmd_eval(args) -> dict:
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids
     if plan is None:
         res = evaluate(loaded.model, windows, device=device, progress=not args.quiet)
-        _log(args, f"perplexity {res.perplexity:.3f} over {res.tokens} tokens")
-        return {"eval": res.to_dict()}
+        _log(args, f"perplexity {res.perplexity:.3f} over {res.tokens} tokens (PyTorch, dequantized weights)")
+        result: dict[str, Any] = {"eval": res.to_dict()}
+        if loaded.source.kind == "gguf":
+            from .formats.llama_eval import llama_generate, llama_perplexity
+
+            lres = llama_perplexity(loaded.source.path, windows, progress=not args.quiet)
+            rel = abs(lres.perplexity - res.perplexity) / res.perplexity
+            text, tps = llama_generate(loaded.source.path, "The capital of France is")
+            result["llama_cpp"] = {"perplexity": lres.perplexity, "relative_difference": rel,
+                                   "within_0.5_percent": rel <= 0.005, "generated": text, "decode_tokens_per_s": tps}
+            _log(args, f"llama.cpp perplexity {lres.perplexity:.3f} ({100 * rel:.3f} % from PyTorch); "
+                       f"generated {text!r} at {tps:.1f} tokens/s")
+        return result
     from .pipeline import calibrate_cached
 
     sens = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet).sens

@@ -1,0 +1,70 @@
+"""CVXQ-allocated GGUF files in llama.cpp at several file budgets (SmolLM2-135M).
+
+Protocol (issue 3): calibrate on valid.txt (64 x 512, cached), perplexity in
+llama.cpp (llama-cpp-python) on the first 20 windows of 512 tokens of
+test.txt, each window from an empty cache; the budget is the .gguf file on disk.
+
+    python benchmarks/bench_gguf.py --budgets 74.0,82.9,93.5 [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from cvxq_export.calibrate import CalibrationSettings
+from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
+from cvxq_export.formats.llama_eval import llama_generate, llama_perplexity
+from cvxq_export.model import load_model
+from cvxq_export.pipeline import calibrate_cached
+from cvxq_export.textdata import evaluation_windows
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="74.0,82.9,93.5", help="file budgets in MB (10^6 bytes)")
+    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--out", default="/tmp/cvxq-bench-gguf")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    loaded = load_model(None)
+    t0 = time.perf_counter()
+    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), CalibrationSettings(n_windows=64, seq_len=512))
+    windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    t_menu = time.perf_counter()
+    gmenu = build_menu(tensor_inputs(loaded, outcome.sens, loaded.weights))
+    menu_s = time.perf_counter() - t_menu
+    rows = []
+    for mb in [float(b) for b in args.budgets.split(",")]:
+        budget = int(mb * 1e6)
+        out = Path(args.out) / f"b{mb}"
+        out.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        plan, _ = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu)
+        res = write_gguf(loaded, plan, gmenu, out / "model.gguf")
+        read_back_check(res, gmenu)
+        write_s = time.perf_counter() - t
+        ppl = llama_perplexity(str(res.path), windows)
+        _, tps = llama_generate(str(res.path), "The history of the city", 64)
+        types: dict[str, int] = {}
+        for tp in plan.tensors:
+            types[tp.option] = types.get(tp.option, 0) + 1
+        emb = plan.tensors[0].option
+        rows.append({"budget_mb": mb, "file_bytes": os.path.getsize(res.path), "perplexity": ppl.perplexity,
+                     "types": types, "embedding": emb, "plan_write_s": write_s, "decode_tok_s": tps,
+                     "uses_q4_1_source_grid": "Q4_1" in types})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| budget | file bytes | llama.cpp ppl | types (tensor count) | embedding | decode tok/s |\n|---:|---:|---:|---|---|---:|")
+    for r in rows:
+        print(f"| {r['budget_mb']} MB | {r['file_bytes']:,} | {r['perplexity']:.2f} | {r['types']} | {r['embedding']} | {r['decode_tok_s']:.0f} |")
+    print(f"\nmenu {menu_s:.0f} s; calibration {'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "rows": rows, "total_s": time.perf_counter() - t0}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

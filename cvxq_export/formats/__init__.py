@@ -1,0 +1,1 @@
+"""Output formats. Each module imports its own dependency lazily."""
