@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cvxq_export.calibrate import CalibrationSettings
+from cvxq_export.errors import InfeasibleBudget
 from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
 from cvxq_export.formats.llama_eval import llama_generate, llama_perplexity
 from cvxq_export.model import load_model
@@ -44,7 +45,12 @@ def main() -> None:
         out = Path(args.out) / f"b{mb}"
         out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        plan, _ = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu)
+        try:
+            plan, _ = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu)
+        except InfeasibleBudget as exc:
+            print(f"{mb} MB: {exc}", flush=True)
+            rows.append({"budget_mb": mb, "infeasible": str(exc)})
+            continue
         res = write_gguf(loaded, plan, gmenu, out / "model.gguf")
         read_back_check(res, gmenu)
         write_s = time.perf_counter() - t
@@ -60,6 +66,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print("\n| budget | file bytes | llama.cpp ppl | types (tensor count) | embedding | decode tok/s |\n|---:|---:|---:|---|---|---:|")
     for r in rows:
+        if "infeasible" in r:
+            print(f"| {r['budget_mb']} MB | infeasible | | {r['infeasible'].splitlines()[0]} | | |")
+            continue
         print(f"| {r['budget_mb']} MB | {r['file_bytes']:,} | {r['perplexity']:.2f} | {r['types']} | {r['embedding']} | {r['decode_tok_s']:.0f} |")
     print(f"\nmenu {menu_s:.0f} s; calibration {'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'}")
     if args.json:

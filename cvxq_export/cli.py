@@ -248,7 +248,12 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     geometry = Geometry(max_row_group=args.max_row_group)
     refs = select_weights(loaded, args.scope)
     if budget:
-        size_range = native_size_range(loaded, refs, geometry, 32)
+        if "gguf" in formats:
+            from .formats.gguf_target import size_range as gguf_size_range
+
+            size_range = gguf_size_range(loaded)
+        else:
+            size_range = native_size_range(loaded, refs, geometry, 32)
         if breakdown is not None and budget > size_range[1]:
             # A device with room to spare: the whole model at the largest option fits.
             _log(args, f"device budget {format_size(budget)} exceeds the largest plan ({format_size(size_range[1])}); using that")

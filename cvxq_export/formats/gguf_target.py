@@ -161,6 +161,14 @@ def fixed_bytes(loaded: LoadedModel, quantized: set[str]) -> int:
     return header + other + ALIGNMENT * len(quantized)
 
 
+def size_range(loaded: LoadedModel) -> tuple[int, int]:
+    """Smallest and largest achievable file sizes, from shapes alone (before calibration)."""
+    fixed = fixed_bytes(loaded, {r.name for r in loaded.weights})
+    lo = sum(min(_aligned(tensor_bytes(t, r.rows, r.cols)) for t in legal_types(r.cols)) for r in loaded.weights)
+    hi = sum(max(_aligned(tensor_bytes(t, r.rows, r.cols)) for t in legal_types(r.cols)) for r in loaded.weights)
+    return fixed + lo, fixed + hi
+
+
 def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
               gmenu: GGUFMenu | None = None) -> tuple[Plan, GGUFMenu]:
     refs = loaded.weights
