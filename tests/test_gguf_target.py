@@ -62,3 +62,13 @@ def test_gguf_infeasible_budget(capsys, tmp_path, tiny_gguf):
     code = main(["fit", str(tiny_gguf), "--format", "gguf", "--budget", "100kB", "-o", str(tmp_path / "x"), *FAST])
     err = capsys.readouterr().err
     assert code == 2 and "smallest achievable size" in err and "choose a budget between" in err
+
+
+def test_eval_any_gguf(capsys, tiny_gguf, eval_text):
+    """`cvxq-export eval FILE.gguf` compares llama.cpp with PyTorch and generates text."""
+    code = main(["eval", str(tiny_gguf), "--eval-text", eval_text, "--eval-windows", "2", "--seq-len", "64", "--json", "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["llama_cpp"]["within_0.5_percent"], result
+    assert result["llama_cpp"]["decode_tokens_per_s"] > 0
