@@ -159,8 +159,9 @@ def _load(args):
 
 
 def _log(args, msg: str) -> None:
-    if not getattr(args, "quiet", False) or True:
-        print(msg, file=sys.stderr)
+    """Status lines go to stderr (even with -q, which only hides progress bars),
+    so --json output on stdout stays machine-readable."""
+    print(msg, file=sys.stderr)
 
 
 def cmd_devices(args) -> dict:
