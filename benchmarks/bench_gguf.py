@@ -4,7 +4,7 @@ Protocol (issue 3): calibrate on valid.txt (64 x 512, cached), perplexity in
 llama.cpp (llama-cpp-python) on the first 20 windows of 512 tokens of
 test.txt, each window from an empty cache; the budget is the .gguf file on disk.
 
-    python benchmarks/bench_gguf.py --budgets 74.0,82.9,93.5 [--json out.json]
+    python benchmarks/bench_gguf.py [--budgets 65,70,74.0,...] [--json docs/bench_gguf.json]
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budgets", default="74.0,82.9,93.5", help="file budgets in MB (10^6 bytes)")
+    ap.add_argument("--budgets", default="65,70,74.0,77.6,82.9,88.2,93.5,98.4,105.5,120,140",
+                    help="file budgets in MB (10^6 bytes)")
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--out", default="/tmp/cvxq-bench-gguf")
     ap.add_argument("--json", default=None)
@@ -52,7 +53,7 @@ def main() -> None:
             rows.append({"budget_mb": mb, "infeasible": str(exc)})
             continue
         res = write_gguf(loaded, plan, gmenu, out / "model.gguf")
-        read_back_check(res, gmenu)
+        readback = read_back_check(res, gmenu)
         write_s = time.perf_counter() - t
         ppl = llama_perplexity(str(res.path), windows)
         _, tps = llama_generate(str(res.path), "The history of the city", 64)
@@ -62,7 +63,7 @@ def main() -> None:
         emb = plan.tensors[0].option
         rows.append({"budget_mb": mb, "file_bytes": os.path.getsize(res.path), "perplexity": ppl.perplexity,
                      "types": types, "embedding": emb, "plan_write_s": write_s, "decode_tok_s": tps,
-                     "uses_q4_1_source_grid": "Q4_1" in types})
+                     "uses_q4_1_source_grid": "Q4_1" in types, "readback_bit_exact": readback})
         print(json.dumps(rows[-1]), flush=True)
     print("\n| budget | file bytes | llama.cpp ppl | types (tensor count) | embedding | decode tok/s |\n|---:|---:|---:|---|---|---:|")
     for r in rows:

@@ -1,18 +1,33 @@
-"""One Lagrangian allocator for every menu.
+"""One Lagrangian allocator for every output format.
 
-Units (a tensor, or a row group x column group of one) each pick one option
-from a menu of (exact cost, distortion) pairs. We minimise total distortion
-subject to ``fixed + sum(cost) <= budget``:
+The model is cut into *units* (a tensor, or a row group x column group of one);
+each unit picks one option from a menu of (exact cost, distortion) pairs. We
+minimise total distortion subject to ``fixed_cost + sum(cost) <= budget``:
 
-1. bisection on the multiplier lambda: every unit independently picks
-   ``argmin d + lambda * c`` (which only ever lands on the lower convex hull of
-   its menu), and the smallest lambda whose total fits is kept;
-2. a greedy fill spends what is left: upgrades along each unit's hull are
-   taken in order of distortion saved per extra cost while they fit.
+1. **Hull.** Per unit, only the lower convex hull of its legal (cost,
+   distortion) points can ever be a Lagrangian choice, so the menu is reduced
+   to it: a chain of *steps* (extra cost > 0, distortion saved > 0) whose
+   savings per extra cost (*slopes*) do not increase along the chain.
+2. **Multiplier.** At multiplier ``lam`` every unit independently minimises
+   ``d + lam * c``, i.e. takes exactly its hull steps with slope > lam (ties go
+   to the cheaper option). The total cost falls as ``lam`` grows, so we bisect
+   for the smallest ``lam`` whose solution fits. The bisection runs over the
+   candidate multipliers themselves (the step slopes, median pivot), which
+   gives the exact minimal ``lam`` in ~log2(#steps) vectorised passes over a
+   shrinking set instead of a fixed number of float iterations.
+3. **Greedy fill.** What is left of the budget buys the remaining hull steps
+   in order of slope, a unit's steps in hull order, each one only if it still
+   fits; a step that is skipped blocks the rest of its unit's chain. The
+   result never exceeds the budget.
 
-The result never exceeds the budget. The pair (lambda, choice) is the
-certificate: at that lambda every unit sits at, or one hull step above, its
-Lagrangian optimum.
+Certificate: the returned choice is a Lagrangian minimiser at ``lam`` plus the
+greedy's upgrades, all of slope <= ``lam``, so every unit sits at or above its
+Lagrangian argmin (in practice at most one hull step above it), and
+``sum_u min_j (d + lam c) - lam * (budget - fixed_cost)`` is a lower bound on
+the optimal distortion (weak duality).
+
+NumPy only; memory stays at a few ``[n_units, n_options]`` arrays because the
+hull is built in chunks of units.
 """
 from __future__ import annotations
 
@@ -22,41 +37,62 @@ import numpy as np
 
 from .errors import InfeasibleBudget
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_CHUNK = 1 << 17  # units per hull chunk: bounds the temporaries, keeps them cache friendly
+
 
 @dataclass
 class Menu:
-    cost: np.ndarray  # [n_units, n_options] int64, exact cost (caller's unit: bits or bytes)
-    distortion: np.ndarray  # [n_units, n_options] float64, >= 0
+    """Per-unit options. Costs are exact integers in the caller's unit."""
+
+    cost: np.ndarray  # [n_units, n_options] int64, >= 0 where legal
+    distortion: np.ndarray  # [n_units, n_options] float64, finite where legal (normally >= 0)
     legal: np.ndarray | None = None  # [n_units, n_options] bool; None = all legal
 
     def __post_init__(self) -> None:
-        if self.cost.shape != self.distortion.shape or self.cost.ndim != 2:
+        cost = np.asarray(self.cost)
+        if not np.issubdtype(cost.dtype, np.integer):
+            raise TypeError(f"menu costs must be integers (exact bits or bytes), got {cost.dtype}")
+        self.cost = cost.astype(np.int64, copy=False)
+        self.distortion = np.asarray(self.distortion, dtype=np.float64)
+        if self.cost.ndim != 2 or self.cost.shape != self.distortion.shape:
             raise ValueError(f"cost {self.cost.shape} and distortion {self.distortion.shape} must be equal 2-D shapes")
-        if self.legal is not None and not self.legal.any(1).all():
-            bad = int(np.nonzero(~self.legal.any(1))[0][0])
-            raise ValueError(f"unit {bad} has no legal option")
+        if self.cost.shape[1] == 0:
+            raise ValueError("menu has no options")
+        if self.legal is not None:
+            self.legal = np.asarray(self.legal, dtype=bool)
+            if self.legal.shape != self.cost.shape:
+                raise ValueError(f"legal {self.legal.shape} does not match cost {self.cost.shape}")
+            none_legal = ~self.legal.any(1)  # [n_units]
+            if none_legal.any():
+                raise ValueError(f"unit {int(np.argmax(none_legal))} has no legal option")
+        # Only legal entries are checked: formats fill illegal slots with anything.
+        bad_d = ~np.isfinite(self.distortion)
+        bad_c = self.cost < 0
+        if self.legal is not None:
+            bad_d &= self.legal
+            bad_c &= self.legal
+        if bad_d.any():
+            raise ValueError(f"unit {int(np.argmax(bad_d.any(1)))} has a non-finite distortion")
+        if bad_c.any():
+            raise ValueError(f"unit {int(np.argmax(bad_c.any(1)))} has a negative cost")
 
     @property
     def n_units(self) -> int:
-        return self.cost.shape[0]
+        return int(self.cost.shape[0])
 
-    def masked(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cost, distortion) with illegal options at +inf distortion and cost."""
-        cost = self.cost.astype(np.float64)
-        dist = self.distortion.astype(np.float64)
-        if self.legal is not None:
-            cost = np.where(self.legal, cost, np.inf)
-            dist = np.where(self.legal, dist, np.inf)
-        return cost, dist
+    @property
+    def n_options(self) -> int:
+        return int(self.cost.shape[1])
 
 
 @dataclass
 class Allocation:
-    choice: np.ndarray  # [n_units] option index per unit
-    lam: float
-    cost: int  # total, fixed part included
-    distortion: float
-    min_cost: int
+    choice: np.ndarray  # [n_units] intp, chosen option index per unit
+    lam: float  # multiplier of the certificate (distortion per unit cost); 0 when nothing binds
+    cost: int  # total, fixed_cost included; always <= budget
+    distortion: float  # total distortion of the choice
+    min_cost: int  # achievable range, fixed_cost included
     max_cost: int
     budget: int
 
@@ -65,115 +101,223 @@ class Allocation:
                 "max_cost": self.max_cost, "budget": self.budget}
 
 
+def _exact_sum(a: np.ndarray) -> int:
+    """Sum of non-negative int64 values as a Python int (no silent int64 overflow)."""
+    if a.size == 0:
+        return 0
+    if int(a.max()) <= _INT64_MAX // a.size:
+        return int(a.sum(dtype=np.int64))
+    return int(a.astype(object).sum())  # only for astronomically large costs
+
+
+def _exact_cumsum(a: np.ndarray) -> np.ndarray:
+    """Running sum of non-negative int64 values, int64 when safe, else Python ints."""
+    if a.size and int(a.max()) > _INT64_MAX // a.size:
+        return np.cumsum(a.astype(object))
+    return np.cumsum(a, dtype=np.int64)
+
+
+def _unit_min_max(menu: Menu) -> tuple[np.ndarray, np.ndarray]:
+    """[n_units] cheapest and dearest legal cost per unit, without a masked copy of the menu."""
+    where = True if menu.legal is None else menu.legal
+    lo = np.min(menu.cost, axis=1, where=where, initial=_INT64_MAX)
+    hi = np.max(menu.cost, axis=1, where=where, initial=0)
+    return lo, hi
+
+
 def cost_range(menu: Menu, fixed_cost: int = 0) -> tuple[int, int]:
-    """Smallest and largest achievable totals."""
-    if menu.legal is None:
-        lo, hi = menu.cost.min(1), menu.cost.max(1)
-    else:
-        big = np.iinfo(np.int64).max
-        lo = np.where(menu.legal, menu.cost, big).min(1)
-        hi = np.where(menu.legal, menu.cost, -1).max(1)
-    return fixed_cost + int(lo.sum()), fixed_cost + int(hi.sum())
+    """Smallest and largest achievable totals, ``fixed_cost`` included."""
+    lo, hi = _unit_min_max(menu)
+    return fixed_cost + _exact_sum(lo), fixed_cost + _exact_sum(hi)
 
 
-def _lagrangian_choice(cost: np.ndarray, dist: np.ndarray, lam: float) -> np.ndarray:
-    """Per unit argmin d + lam c; ties go to the cheaper option. -> [n_units]."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        obj = dist + lam * cost  # [n, o]
-    obj = np.where(np.isfinite(cost), obj, np.inf)  # illegal stays illegal (0 * inf is nan)
-    best = obj.min(1, keepdims=True)
-    # among (near-)ties pick the lowest cost, so lam -> 0 does not overspend
-    tie = obj <= best + 1e-12 * np.abs(best)
-    return np.where(tie, cost, np.inf).argmin(1)
+@dataclass
+class _Hull:
+    """Each unit's lower convex hull as a chain of steps from its cheapest option.
+
+    Unit u's hull points are ``option[u, :length[u]]``; step j goes from point j
+    to point j + 1. Padding steps have slope -inf and cost 0.
+    """
+
+    option: np.ndarray  # [n_units, H] int16/int32 menu column of each hull point
+    length: np.ndarray  # [n_units] int, number of hull points (>= 1)
+    step_cost: np.ndarray  # [n_units, H - 1] int64, > 0 on real steps
+    slope: np.ndarray  # [n_units, H - 1] float64, distortion saved per extra cost; non-increasing along a row
 
 
-def _total(cost_i: np.ndarray, choice: np.ndarray) -> int:
-    return int(cost_i[np.arange(len(choice)), choice].sum())
+def _hull(menu: Menu) -> _Hull:
+    n, o = menu.cost.shape
+    idx_dtype = np.int16 if o <= np.iinfo(np.int16).max else np.int32
+    option = np.zeros((n, o), dtype=idx_dtype)
+    length = np.zeros(n, dtype=np.intp)
+    step_cost = np.zeros((n, max(o - 1, 0)), dtype=np.int64)
+    slope = np.full((n, max(o - 1, 0)), -np.inf)
+    for r0 in range(0, n, _CHUNK):
+        r1 = min(n, r0 + _CHUNK)
+        legal = None if menu.legal is None else menu.legal[r0:r1]
+        _hull_chunk(menu.cost[r0:r1], menu.distortion[r0:r1], legal,
+                    option[r0:r1], length[r0:r1], step_cost[r0:r1], slope[r0:r1])
+    h = int(length.max()) if n else 1
+    if h < o:  # drop all-padding columns so later passes touch less memory
+        option = np.ascontiguousarray(option[:, :h])
+        step_cost = np.ascontiguousarray(step_cost[:, : h - 1])
+        slope = np.ascontiguousarray(slope[:, : h - 1])
+    return _Hull(option, length, step_cost, slope)
+
+
+def _hull_chunk(cost: np.ndarray, dist: np.ndarray, legal: np.ndarray | None, out_option: np.ndarray,
+                out_length: np.ndarray, out_step_cost: np.ndarray, out_slope: np.ndarray) -> None:
+    """Andrew's monotone chain on every unit of a chunk at once (loop over options, not units)."""
+    m, o = cost.shape
+    rows = np.arange(m)
+    # Visit options by cost, then distortion; stable, so exact duplicates keep the lowest
+    # column. Illegal options sort last and are never pushed.
+    cost_key = cost if legal is None else np.where(legal, cost, _INT64_MAX)
+    order = np.lexsort((dist, cost_key), axis=1)  # [m, o]
+    st_c = np.zeros((m, o), dtype=np.int64)  # stack of hull points per unit
+    st_d = np.zeros((m, o), dtype=np.float64)
+    st_o = out_option  # [m, o] written in place
+    size = np.zeros(m, dtype=np.intp)  # [m] stack height
+    for k in range(o):
+        col = order[:, k]  # [m]
+        ck, dk = cost[rows, col], dist[rows, col]
+        ok = np.ones(m, dtype=bool) if legal is None else legal[rows, col]
+        # The top of the stack holds the lowest distortion seen so far at a cost <= ck:
+        # anything not strictly better is dominated (this also drops equal-cost duplicates).
+        top_d = st_d[rows, np.maximum(size - 1, 0)]
+        push = np.flatnonzero(ok & ((size == 0) | (dk < top_d)))
+        work = push[size[push] >= 2]
+        while work.size:
+            t = size[work] - 1
+            s = t - 1
+            ct, dt, cs, ds = st_c[work, t], st_d[work, t], st_c[work, s], st_d[work, s]
+            # Pop the top while it lies strictly above the chord from the point below it to the
+            # new point (slope(s->t) < slope(t->new), cross-multiplied to avoid dividing).
+            # Collinear points stay: they give the greedy fill finer steps at the same slope.
+            above = (ds - dt) * (ck[work] - ct).astype(np.float64) < (dt - dk[work]) * (ct - cs).astype(np.float64)
+            work = work[above]
+            size[work] -= 1
+            work = work[size[work] >= 2]
+        h = size[push]
+        st_c[push, h], st_d[push, h], st_o[push, h] = ck[push], dk[push], col[push]
+        size[push] += 1
+    out_length[:] = size
+    if o > 1:
+        real = np.arange(o - 1)[None, :] < (size - 1)[:, None]  # [m, o-1] steps that exist
+        dc = np.where(real, st_c[:, 1:] - st_c[:, :-1], 0)  # [m, o-1] > 0 on real steps
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sl = np.where(real, (st_d[:, :-1] - st_d[:, 1:]) / dc, -np.inf)
+        # Rounding in the division may break the non-increasing order of collinear slopes by an
+        # ulp; the Lagrangian step relies on "steps with slope > lam" being a prefix of each chain.
+        np.minimum.accumulate(sl, axis=1, out=sl)
+        out_step_cost[:] = dc
+        out_slope[:] = sl
+
+
+def _smallest_feasible_lam(slope: np.ndarray, step_cost: np.ndarray, room: int) -> float:
+    """Smallest multiplier whose Lagrangian solution fits ``room``.
+
+    ``slope``/``step_cost`` [n_steps] are the positive-slope steps; taking all of them must
+    not fit. The answer is one of the slopes (the total only changes there), so bisect over
+    them with a median pivot, carrying the cost of the steps already known to be taken.
+    """
+    s, c = slope, step_cost
+    taken = 0  # cost of steps with slope above the current bracket (taken for any lam in it)
+    # Invariant: taken + sum(c) > room, so s is never empty.
+    while True:
+        k = s.size // 2
+        pivot = float(np.partition(s, k)[k])
+        above = s > pivot
+        fits = taken + _exact_sum(c[above])  # total cost of the solution at lam = pivot
+        if fits > room:  # lam must be larger than pivot
+            s, c = s[above], c[above]
+            continue
+        at = s == pivot
+        with_ties = fits + _exact_sum(c[at])  # total just below pivot
+        if with_ties > room:
+            return pivot
+        below = s < pivot
+        taken = with_ties
+        s, c = s[below], c[below]
+
+
+def _greedy_fill(hull: _Hull, pos: np.ndarray, left: int) -> np.ndarray:
+    """Spend ``left`` on the hull steps not taken yet, best slope first, never overspending.
+
+    ``pos`` [n_units] is each unit's current hull point; returns the new positions.
+    """
+    n, m = hull.slope.shape
+    if left <= 0 or m == 0:
+        return pos
+    j = np.arange(m)[None, :]
+    pending = (j >= pos[:, None]) & (hull.slope > 0)  # [n, m] steps still to buy (zero gain is not worth cost)
+    affordable = hull.step_cost <= min(left, _INT64_MAX)  # [n, m]
+    # A step is reachable only if every pending step before it in its chain is affordable.
+    reach = np.logical_and.accumulate(affordable | ~pending, axis=1) & pending
+    flat = np.flatnonzero(reach)  # row-major: (unit, step) order
+    if not flat.size:
+        return pos
+    # Best saving per cost first; the stable sort keeps each unit's steps in chain order on ties.
+    flat = flat[np.argsort(-hull.slope.ravel()[flat], kind="stable")]
+    cst = hull.step_cost.ravel()[flat]
+    bought: list[np.ndarray] = []
+    # Sequential greedy, vectorised in rounds: buy the longest prefix that fits; the next step
+    # is skipped, which also blocks the later steps of its unit; drop everything that no longer
+    # fits and repeat. Every round buys at least one step, so this terminates.
+    while flat.size:
+        cum = _exact_cumsum(cst)
+        k = flat.size if left >= cum[-1] else int(np.searchsorted(cum, left, side="right"))
+        if k:
+            bought.append(flat[:k])
+            left -= int(cum[k - 1])
+        if k == flat.size:
+            break
+        flat, cst = flat[k:], cst[k:]  # flat[0] no longer fits
+        unit = flat // m
+        bad = np.flatnonzero(cst > left)
+        bad_units, first = np.unique(unit[bad], return_index=True)  # first skipped step per unit
+        where = np.minimum(np.searchsorted(bad_units, unit), bad_units.size - 1)
+        blocked = (bad_units[where] == unit) & (np.arange(flat.size) >= bad[first][where])
+        keep = ~blocked  # the skipped steps themselves are among the blocked ones
+        flat, cst = flat[keep], cst[keep]
+    if bought:
+        steps = np.concatenate(bought)
+        pos = pos.copy()
+        # A unit's bought steps continue its chain from pos, so the last one sets the position.
+        np.maximum.at(pos, steps // m, steps % m + 1)
+    return pos
 
 
 def allocate(menu: Menu, budget: int, fixed_cost: int = 0, *, unit: str = "bytes") -> Allocation:
-    """Minimise total distortion subject to ``fixed_cost + total cost <= budget``."""
-    lo_cost, hi_cost = cost_range(menu, fixed_cost)
-    if not lo_cost <= budget <= hi_cost:
-        raise InfeasibleBudget(budget, lo_cost, hi_cost, unit)
-    cost, dist = menu.masked()
-    cost_i = np.where(np.isfinite(cost), cost, 0).astype(np.int64)
-    room = budget - fixed_cost
-    # The cheapest plan is always feasible: it is the lam -> inf end.
-    min_choice = np.where(np.isfinite(cost), cost, np.inf).argmin(1)
+    """Minimise total distortion subject to ``fixed_cost + total cost <= budget``.
 
-    choice0 = _lagrangian_choice(cost, dist, 0.0)
-    if _total(cost_i, choice0) <= room:
-        lam, choice = 0.0, choice0
+    Raises :class:`InfeasibleBudget` when ``budget`` lies outside the achievable range
+    (above it too: no plan can use more than the dearest one).
+    """
+    budget, fixed_cost = int(budget), int(fixed_cost)
+    min_cost, max_cost = cost_range(menu, fixed_cost)
+    if not min_cost <= budget <= max_cost:
+        raise InfeasibleBudget(budget, min_cost, max_cost, unit)
+    hull = _hull(menu)
+    rows = np.arange(menu.n_units)
+    # Every chain starts at the unit's cheapest option, so work with what the budget allows
+    # beyond the cheapest plan.
+    room = budget - min_cost
+    gain = hull.slope > 0  # [n, m] steps that lower distortion
+    if _exact_sum(hull.step_cost[gain]) <= room:
+        lam = 0.0  # the budget does not bind: every unit takes its lowest distortion
+        take = gain
     else:
-        # log-space bisection; feasibility is monotone in lam
-        lo, hi = -60.0, 60.0  # log10 lam bounds; scaled below to the data
-        scale = float(np.nanmax(np.where(np.isfinite(dist), dist, 0))) / max(1.0, float(np.nanmax(cost_i)))
-        scale = scale if scale > 0 else 1.0
-        best_choice, best_lam = min_choice, np.inf
-        for _ in range(80):
-            mid = (lo + hi) / 2
-            lam_try = scale * 10.0 ** mid
-            ch = _lagrangian_choice(cost, dist, lam_try)
-            if _total(cost_i, ch) <= room:
-                hi, best_choice, best_lam = mid, ch, lam_try
-            else:
-                lo = mid
-            if hi - lo < 1e-4:
-                break
-        lam, choice = best_lam, best_choice
-        if not np.isfinite(lam):
-            lam = scale * 10.0 ** hi
-    choice = _greedy_fill(cost, dist, cost_i, choice, room)
-    total = _total(cost_i, choice)
-    assert total <= room, "allocator overspent"  # invariant, not user input
-    d = float(dist[np.arange(len(choice)), choice].sum())
-    return Allocation(choice, float(lam), fixed_cost + total, d, lo_cost, hi_cost, budget)
-
-
-def _greedy_fill(cost: np.ndarray, dist: np.ndarray, cost_i: np.ndarray, choice: np.ndarray, room: int,
-                 max_rounds: int = 16) -> np.ndarray:
-    """Spend the leftover budget on the upgrades with the best distortion saved
-    per extra cost, one hull step per unit per round, never overspending."""
-    choice = choice.copy()
-    rows = np.arange(len(choice))
-    spent = _total(cost_i, choice)
-    for _ in range(max_rounds):
-        left = room - spent
-        if left <= 0:
-            break
-        c_now = cost[rows, choice][:, None]  # [n, 1]
-        d_now = dist[rows, choice][:, None]
-        with np.errstate(invalid="ignore"):
-            dc = cost - c_now  # [n, o]; inf for illegal options
-            dd = d_now - dist  # distortion saved
-        valid = np.isfinite(dc) & (dc > 0) & (dd > 0) & (dc <= left)
-        if not valid.any():
-            break
-        ratio = np.where(valid, dd / np.where(valid, dc, 1), -np.inf)
-        # next hull step: best ratio; among equal ratios the cheapest (finer step)
-        best_ratio = ratio.max(1)
-        cand = np.nonzero(np.isfinite(best_ratio))[0]
-        tie = ratio[cand] >= best_ratio[cand, None] * (1 - 1e-12)
-        target = np.where(tie, cost[cand], np.inf).argmin(1)
-        step_cost = cost_i[cand, target] - cost_i[cand, choice[cand]]
-        order = np.argsort(-best_ratio[cand], kind="stable")
-        cand, target, step_cost = cand[order], target[order], step_cost[order]
-        # the longest prefix that fits is taken at once; then fit what still fits
-        cum = np.cumsum(step_cost)
-        k = int(np.searchsorted(cum, left, side="right"))
-        choice[cand[:k]] = target[:k]
-        left -= int(cum[k - 1]) if k else 0
-        changed = k > 0
-        smallest = step_cost[k:].min() if k < len(cand) else None
-        for i in range(k, len(cand)):
-            if smallest is None or left < smallest:
-                break
-            if step_cost[i] <= left:
-                choice[cand[i]] = target[i]
-                left -= int(step_cost[i])
-                changed = True
-        spent = room - left
-        if not changed:
-            break
-    return choice
+        lam = _smallest_feasible_lam(hull.slope[gain], hull.step_cost[gain], room)
+        take = hull.slope > lam
+    del gain
+    pos = take.sum(1)  # [n] Lagrangian argmin at lam (ties to the cheaper option)
+    left = room - _exact_sum(hull.step_cost[take])
+    del take
+    pos = _greedy_fill(hull, pos, left)
+    choice = hull.option[rows, pos].astype(np.intp)  # [n]
+    cost = fixed_cost + _exact_sum(menu.cost[rows, choice])
+    if cost > budget:  # a broken invariant, not a user error
+        raise AssertionError(f"allocator overspent: {cost} > {budget}")
+    distortion = float(menu.distortion[rows, choice].sum())
+    return Allocation(choice, lam, cost, distortion, min_cost, max_cost, budget)

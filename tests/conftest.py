@@ -115,3 +115,35 @@ def tiny_gguf(tmp_path_factory) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE tokenizer (the GPT-2 / Llama-3 / SmolLM family's kind), trained in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(SAMPLE)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bpe_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama HF directory with a byte-level BPE tokenizer (convertible to GGUF)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    tok = _bpe_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok) + 4, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, rope_theta=10000.0)
+    path = tmp_path_factory.mktemp("tiny-llama-bpe")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

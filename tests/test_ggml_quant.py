@@ -36,3 +36,26 @@ def test_importance_lowers_weighted_error(name, weights):
 def test_bad_row_length():
     with pytest.raises(ValueError, match="multiple of its block"):
         row_bytes("Q4_K", 576)
+
+
+def test_newer_types_match_libggml_and_q2_0_search_beats_amax():
+    from cvxq_export.formats import ggml_quant
+
+    for name, (_tid, block, size) in ggml_quant.NEWER_TYPES.items():
+        assert ggml_quant.ggml_traits(name) == (block, size)
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 576)) * 0.02).astype(np.float32)
+    raw = ggml_quant.quantize_rows("Q2_0", w)
+    deq = ggml_quant.dequantize_rows_ggml("Q2_0", raw, 576)
+    # the documented layout: fp16 d, then codes 4 per byte lowest bits first, value (q - 1) * d
+    blocks = raw.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+    q = (blocks[:, 2:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3  # [blocks, 16, 4]
+    assert np.array_equal(deq.reshape(-1, 64), ((q.reshape(-1, 64).astype(np.float32) - 1) * d))
+    # libggml's own Q2_0 quantizer (d = max|w|, meant for ternary models) is much worse on Gaussian weights
+    lib = ggml_quant._lib()
+    own = np.zeros_like(raw)
+    lib.ggml_quantize_chunk(ggml_quant.type_id("Q2_0"), w.ctypes.data, own.ctypes.data, 0, 16, 576, None)
+    err_ours = float(((deq - w) ** 2).mean())
+    err_ggml = float(((ggml_quant.dequantize_rows_ggml("Q2_0", own, 576) - w) ** 2).mean())
+    assert err_ours < 0.5 * err_ggml

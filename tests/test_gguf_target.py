@@ -72,3 +72,73 @@ def test_eval_any_gguf(capsys, tiny_gguf, eval_text):
     result = json.loads(captured.out)
     assert result["llama_cpp"]["within_0.5_percent"], result
     assert result["llama_cpp"]["decode_tokens_per_s"] > 0
+
+
+def test_gguf_from_hf_directory(tmp_path, tiny_llama_bpe_dir, eval_text):
+    """An HF directory (no GGUF) becomes a GGUF llama.cpp loads: metadata from
+    config.json, tokenizer from tokenizer.json (same token ids as HF in llama.cpp),
+    and logits that match PyTorch on the same dequantized weights."""
+    import gguf
+    import torch
+    from llama_cpp import Llama
+
+    from cvxq_export.calibrate import CalibrationSettings
+    from cvxq_export.formats.gguf_target import export_gguf
+    from cvxq_export.model import load_model
+    from cvxq_export.pipeline import calibrate_cached
+
+    loaded = load_model(str(tiny_llama_bpe_dir))
+    sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
+    info = export_gguf(loaded, sens, 250_000, tmp_path, progress=False)
+    assert info["file_bytes"] <= 250_000
+    assert any("tokenizes the test text exactly like Hugging Face" in n for n in info["notes"]), info["notes"]
+    reader = gguf.GGUFReader(info["path"])
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    text = "The river delta forms where a slow river meets a calm sea, 42 times."
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False) == ids
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+def test_gguf_hf_unsupported_tokenizer(tmp_path, tiny_llama_dir):
+    """A WordLevel tokenizer has no llama.cpp equivalent: a clear error, no file."""
+    from cvxq_export.errors import CvxqError
+    from cvxq_export.formats.gguf_target import fixed_bytes
+    from cvxq_export.model import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    with pytest.raises(CvxqError, match="byte-level BPE"):
+        fixed_bytes(loaded)
+
+
+@pytest.mark.parametrize("type_name", ["Q2_0", "MXFP4", "IQ4_NL"])
+def test_single_type_file_runs_in_llama_cpp(tmp_path, tiny_gguf, type_name):
+    """Every tensor in one type (Q2_0 is newer than gguf-py's enum): the file reads
+    back bit-exact through llama.cpp's dequantizer, and llama.cpp's logits match
+    PyTorch running the same dequantized weights."""
+    import torch
+    from llama_cpp import Llama
+
+    from cvxq_export.formats.gguf_target import GGUFMenu, read_back_check, tensor_inputs, write_float_gguf
+    from cvxq_export.model import load_model
+
+    loaded = load_model(str(tiny_gguf))
+    result = write_float_gguf(loaded, tmp_path / "m.gguf", type_name=type_name, progress=False)
+    counts = read_back_check(result, GGUFMenu(tensor_inputs(loaded, None, loaded.weights), [], None))
+    assert counts["llama_cpp_dequantizer"] == len(loaded.weights)
+    with torch.no_grad():
+        for ref in loaded.weights:
+            loaded.model.get_parameter(ref.name).copy_(torch.from_numpy(result.dequantized[ref.name]))
+    ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref_logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(model_path=str(result.path), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    assert np.abs(got - ref_logits).max() < 3e-2 * np.abs(ref_logits).max()

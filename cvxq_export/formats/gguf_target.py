@@ -15,17 +15,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..allocate import Menu, allocate
+from ..allocate import Menu, allocate, cost_range
 from ..errors import CvxqError, InfeasibleBudget, missing_extra
 from ..io import atomic_path
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
 from ..plan import Plan, TensorPlan
 from . import ggml_quant
+from .gguf_meta import GGUFSkeleton, gguf_arch, skeleton_for
 
 # Block types offered, coarse to fine. 256-blocks only where the row allows.
-CANDIDATE_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
+# Q2_0 (2.25 bits/weight, 64-blocks) and MXFP4 (4.25) are the only types below
+# 4.5 bits/weight whose block divides rows like SmolLM2's 576: without them
+# such tensors cannot go below Q4_0.
+CANDIDATE_TYPES = ("Q2_0", "Q2_K", "IQ2_S", "IQ3_XXS", "Q3_K", "IQ3_S", "MXFP4", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
+                   "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
 ALIGNMENT = 32  # GGUF default tensor data alignment
-METADATA_SLACK = 8192  # our provenance keys and string growth over the source header
+METADATA_SLACK = 64  # safety margin over the measured header (float formatting of provenance values cannot grow it)
 
 
 def _gguf():
@@ -56,8 +61,7 @@ def gguf_name_map(loaded: LoadedModel) -> dict[str, str]:
     if loaded.model_type not in LLAMA_FAMILY:
         raise CvxqError(f"GGUF export supports the Llama family ({', '.join(sorted(LLAMA_FAMILY))}), not '{loaded.model_type}'",
                         "use --format onnx or packed for this model")
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}.get(
-        loaded.model_type, gguf.MODEL_ARCH.LLAMA)
+    arch = gguf.MODEL_ARCH.QWEN2 if gguf_arch(loaded.model_type) == "qwen2" else gguf.MODEL_ARCH.LLAMA
     tmap = gguf.get_tensor_name_map(arch, loaded.config.num_hidden_layers)
     out = {}
     for ref in loaded.weights:
@@ -81,6 +85,10 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _head_count(loaded: LoadedModel, gguf_name: str) -> int | None:
+    """Heads of a Q/K matrix whose rows llama.cpp wants interleaved (llama arch
+    only: qwen2 uses NEOX-style rope on the HF layout)."""
+    if gguf_arch(loaded.model_type) != "llama":
+        return None
     cfg = loaded.config
     if gguf_name.endswith("attn_q.weight"):
         return cfg.num_attention_heads
@@ -94,20 +102,23 @@ class GGUFTensorInput:
     ref: WeightRef
     gguf_name: str
     weight: np.ndarray  # [rows, cols] float32, llama.cpp row order
-    importance: np.ndarray  # [rows, cols] float32, same order
+    importance: np.ndarray | None  # [rows, cols] float32, same order (None: unweighted)
     heads: int | None = None  # set for attn_q / attn_k: rows were permuted for llama.cpp
 
 
 def tensor_inputs(loaded: LoadedModel, sens, refs: list[WeightRef]) -> list[GGUFTensorInput]:
+    """Weights (and CVXQ importances, unless ``sens`` is None) in llama.cpp's row order."""
     names = gguf_name_map(loaded)
     out = []
     for ref in refs:
         w = loaded.weight_tensor(ref).detach().float().cpu().numpy()
-        imp = sens[ref.name].element_importance(ref.rows, sens.settings.row_group).astype(np.float32)
+        imp = None if sens is None else sens[ref.name].element_importance(ref.rows, sens.settings.row_group).astype(np.float32)
         heads = _head_count(loaded, names[ref.name])
         if heads:
-            w, imp = permute_for_llama_cpp(w, heads), permute_for_llama_cpp(imp, heads)
-        out.append(GGUFTensorInput(ref, names[ref.name], np.ascontiguousarray(w), np.ascontiguousarray(imp), heads))
+            w = permute_for_llama_cpp(w, heads)
+            imp = None if imp is None else permute_for_llama_cpp(imp, heads)
+        out.append(GGUFTensorInput(ref, names[ref.name], np.ascontiguousarray(w),
+                                   None if imp is None else np.ascontiguousarray(imp), heads))
     return out
 
 
@@ -147,23 +158,62 @@ def build_menu(inputs: list[GGUFTensorInput], *, progress: bool = True) -> GGUFM
     return GGUFMenu(inputs, types, Menu(cost, dist, legal))
 
 
-def fixed_bytes(loaded: LoadedModel, quantized: set[str]) -> int:
-    """Header + metadata (measured on the source GGUF) + F32 tensors we copy."""
+def _provenance(plan: Plan | None) -> dict[str, str | float | int]:
+    from .. import __version__
+
+    return {
+        "general.quantized_by": f"cvxq-export {__version__}",
+        "cvxq.budget_bytes": int(plan.budget_bytes) if plan else 0,
+        "cvxq.lambda": float(plan.lam) if plan else 0.0,
+        "cvxq.distortion": float(plan.distortion) if plan else 0.0,
+    }
+
+
+def _skeleton(loaded: LoadedModel) -> GGUFSkeleton:
+    return skeleton_for(loaded, set(gguf_name_map(loaded).values()))
+
+
+def _add_metadata(writer, skeleton: GGUFSkeleton, extra: dict) -> None:
+    writer.add_file_type(_gguf().LlamaFileType.GUESSED)
+    for e in skeleton.kv:
+        writer.add_key_value(e.key, e.value, e.vtype, sub_type=e.sub_type)
+    for key, value in extra.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint64(key, int(value))
+
+
+def fixed_bytes(loaded: LoadedModel) -> int:
+    """Bytes that do not depend on the plan: the header (metadata, tokenizer,
+    tensor directory; measured by writing it) plus the float tensors we copy."""
+    import tempfile
+
     gguf = _gguf()
-    src = loaded.source
-    if src.kind != "gguf":
-        raise CvxqError("GGUF export currently needs a GGUF source model (its metadata and tokenizer are carried over)",
-                        "convert the model to GGUF with llama.cpp's convert_hf_to_gguf.py first, or use another --format")
-    reader = gguf.GGUFReader(src.path)
-    header = reader.data_offset + METADATA_SLACK
-    names = set(gguf_name_map(loaded).values())
-    other = sum(_aligned(int(t.n_elements) * 4) for t in reader.tensors if t.name not in names)
-    return header + other + ALIGNMENT * len(quantized)
+    skeleton = _skeleton(loaded)
+    names = gguf_name_map(loaded)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "header.gguf")
+        writer = gguf.GGUFWriter(path, skeleton.arch)
+        _add_metadata(writer, skeleton, _provenance(None))
+        for name, arr in skeleton.float_tensors.items():
+            writer.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes)
+        for ref in loaded.weights:  # the directory entry's size does not depend on the type
+            writer.add_tensor_info(names[ref.name], (ref.rows, ref.cols), np.dtype(np.float32), ref.rows * ref.cols * 4)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        header = os.path.getsize(path)
+    floats = sum(_aligned(arr.size * 4) for arr in skeleton.float_tensors.values())
+    return _aligned(header) + METADATA_SLACK + floats
 
 
 def size_range(loaded: LoadedModel) -> tuple[int, int]:
     """Smallest and largest achievable file sizes, from shapes alone (before calibration)."""
-    fixed = fixed_bytes(loaded, {r.name for r in loaded.weights})
+    fixed = fixed_bytes(loaded)
     lo = sum(min(_aligned(tensor_bytes(t, r.rows, r.cols)) for t in legal_types(r.cols)) for r in loaded.weights)
     hi = sum(max(_aligned(tensor_bytes(t, r.rows, r.cols)) for t in legal_types(r.cols)) for r in loaded.weights)
     return fixed + lo, fixed + hi
@@ -172,10 +222,11 @@ def size_range(loaded: LoadedModel) -> tuple[int, int]:
 def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
               gmenu: GGUFMenu | None = None) -> tuple[Plan, GGUFMenu]:
     refs = loaded.weights
-    fixed = fixed_bytes(loaded, {r.name for r in refs})
+    fixed = fixed_bytes(loaded)
     if gmenu is None:
         gmenu = build_menu(tensor_inputs(loaded, sens, refs), progress=progress)
-    alloc = allocate(gmenu.menu, budget, fixed)
+    # A budget above the largest file buys the largest file (every tensor at its finest type).
+    alloc = allocate(gmenu.menu, min(budget, cost_range(gmenu.menu, fixed)[1]), fixed)
     tensors = []
     for i, t in enumerate(gmenu.inputs):
         j = int(alloc.choice[i])
@@ -184,25 +235,6 @@ def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
     plan = Plan("gguf", budget, alloc.cost, fixed, alloc.lam, alloc.distortion, alloc.min_cost, alloc.max_cost,
                 loaded.source.display, sens.model_fingerprint, tensors, "all")
     return plan, gmenu
-
-
-def _copy_metadata(reader, writer, extra: dict[str, str | float | int]) -> None:
-    gguf = _gguf()
-    skip = {"general.architecture", "general.file_type"}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
-            continue
-        vtype = field.types[0]
-        value = field.contents()
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    for key, value in extra.items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint64(key, int(value))
 
 
 @dataclass
@@ -214,70 +246,79 @@ class GGUFResult:
 
 def write_gguf(loaded: LoadedModel, plan: Plan, gmenu: GGUFMenu, path: str | Path, *, progress: bool = True) -> GGUFResult:
     """Write the planned file atomically; return its size and the dequantized weights."""
+    result = _write_file(loaded, gmenu.inputs, {t.name: t.option for t in plan.tensors}, path, _provenance(plan),
+                         progress=progress)
+    if result.size > plan.budget_bytes:
+        raise CvxqError(f"the GGUF file is {result.size:,} bytes, over the budget {plan.budget_bytes:,}",
+                        "this is a bug in the size accounting; please report it")
+    return result
+
+
+def write_float_gguf(loaded: LoadedModel, path: str | Path, *, type_name: str = "F16", progress: bool = True) -> GGUFResult:
+    """Every weight matrix as ``type_name`` (unweighted): the F16 file llama.cpp's own
+    quantizer starts from, or a plain single-type baseline."""
+    inputs = tensor_inputs(loaded, None, loaded.weights)
+    return _write_file(loaded, inputs, {t.ref.name: type_name for t in inputs}, path, _provenance(None), progress=progress)
+
+
+def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[str, str], path: str | Path,
+                extra: dict, *, progress: bool = True) -> GGUFResult:
     from tqdm.auto import tqdm
 
     gguf = _gguf()
-    reader = gguf.GGUFReader(loaded.source.path)
-    arch = reader.fields["general.architecture"].contents()
-    by_name = {t.ref.name: t for t in gmenu.inputs}
-    planned = {t.name: t.option for t in plan.tensors}
-    gguf_to_hf = {t.gguf_name: t.ref.name for t in gmenu.inputs}
+    skeleton = _skeleton(loaded)
     dequantized: dict[str, np.ndarray] = {}
-    from .. import __version__
-
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        _copy_metadata(reader, writer, {
-            "general.quantized_by": f"cvxq-export {__version__}",
-            "cvxq.budget_bytes": int(plan.budget_bytes),
-            "cvxq.lambda": float(plan.lam),
-            "cvxq.distortion": float(plan.distortion),
-        })
-        writer.add_file_type(gguf.LlamaFileType.GUESSED)
-        for src_tensor in tqdm(reader.tensors, desc="write gguf", unit="tensor", disable=not progress):
-            hf = gguf_to_hf.get(src_tensor.name)
-            if hf is None:  # norms etc.: as float32, like the source
-                data = gguf.quants.dequantize(src_tensor.data, src_tensor.tensor_type).astype(np.float32)
-                writer.add_tensor(src_tensor.name, data.reshape([int(x) for x in reversed(src_tensor.shape)]))
-                continue
-            t = by_name[hf]
-            type_name = planned[hf]
+        writer = gguf.GGUFWriter(str(tmp), skeleton.arch)
+        _add_metadata(writer, skeleton, extra)
+        for name, arr in skeleton.float_tensors.items():  # norms etc.: float32, as llama.cpp's converter writes them
+            writer.add_tensor(name, arr.astype(np.float32))
+        for t in tqdm(inputs, desc="write gguf", unit="tensor", disable=not progress):
+            type_name = types[t.ref.name]
             raw, deq = quantize_dequantize(type_name, t)
-            dequantized[hf] = unpermute(deq, t.heads) if t.heads else deq
+            dequantized[t.ref.name] = unpermute(deq, t.heads) if t.heads else deq
             if raw is None:
                 writer.add_tensor(t.gguf_name, t.weight.astype(np.float16))
-            else:
+            elif ggml_quant.gguf_py_knows(type_name):
                 writer.add_tensor(t.gguf_name, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+            else:  # a type newer than gguf-py's enum: give the shape and the raw type id ourselves
+                writer.add_tensor(t.gguf_name, raw.view(np.int8), raw_shape=(t.ref.rows, t.ref.cols),
+                                  raw_dtype=ggml_quant.type_id(type_name))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    size = os.path.getsize(path)
-    if size > plan.budget_bytes:
-        raise CvxqError(f"the GGUF file is {size:,} bytes, over the budget {plan.budget_bytes:,}",
-                        "this is a bug in the size accounting; please report it")
-    return GGUFResult(Path(path), size, dequantized)
+    return GGUFResult(Path(path), os.path.getsize(path), dequantized)
 
 
-def read_back_check(result: GGUFResult, gmenu: GGUFMenu) -> int:
-    """gguf-py reads every quantized tensor back to the same values (bit-exact).
-    Returns the number of tensors checked."""
-    gguf = _gguf()
-    reader = gguf.GGUFReader(str(result.path))
-    names = {t.gguf_name: t for t in gmenu.inputs}
-    checked = 0
-    for tensor in reader.tensors:
-        t = names.get(tensor.name)
-        if t is None:
-            continue
-        deq = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(t.ref.rows, t.ref.cols)
+def read_back_check(result: GGUFResult, gmenu: GGUFMenu) -> dict[str, int]:
+    """Every quantized tensor, read back from the file, dequantizes to the values we
+    evaluated (bit-exact) with libggml's own dequantizer (llama.cpp's code), and with
+    gguf-py's NumPy dequantizer wherever gguf-py knows the type."""
+    from .gguf_directory import read_directory
+
+    directory = read_directory(str(result.path))
+    checked = {"llama_cpp_dequantizer": 0, "gguf_py_dequantizer": 0}
+    for t in gmenu.inputs:
+        entry = directory.get(t.gguf_name)
+        if entry is None:
+            raise CvxqError(f"GGUF read-back: tensor {t.gguf_name} is missing", "this is a bug; please report it")
+        name = "F16" if entry.type_id == 1 else ggml_quant.type_name(entry.type_id)
+        rows, cols = t.ref.rows, t.ref.cols
         expected = result.dequantized[t.ref.name]
-        got = unpermute(deq, t.heads) if t.heads else deq
-        if not np.array_equal(got, expected):
-            raise CvxqError(f"GGUF read-back mismatch in {tensor.name}", "this is a bug; please report it")
-        checked += 1
+        if name == "F16":
+            versions = {"llama_cpp_dequantizer": entry.data[: rows * cols * 2].view(np.float16).astype(np.float32).reshape(rows, cols)}
+        else:
+            raw = np.asarray(entry.data[: rows * ggml_quant.row_bytes(name, cols)]).reshape(rows, -1)
+            versions = {"llama_cpp_dequantizer": ggml_quant.dequantize_rows_ggml(name, raw, cols)}
+            if ggml_quant.gguf_py_knows(name):
+                versions["gguf_py_dequantizer"] = ggml_quant.dequantize_rows(name, raw, cols)
+        for which, deq in versions.items():
+            got = unpermute(deq, t.heads) if t.heads else deq
+            if not np.array_equal(got, expected):
+                raise CvxqError(f"GGUF read-back mismatch in {t.gguf_name} ({name}, {which})", "this is a bug; please report it")
+            checked[which] += 1
     return checked
-
 
 
 def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_windows: np.ndarray | None = None,
@@ -293,7 +334,7 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
         plan, gmenu = plan_gguf(loaded, sens, budget, progress=progress, gmenu=gmenu)
     plan.save(out_dir / "plan.json")
     result = write_gguf(loaded, plan, gmenu, out_dir / "model.gguf", progress=progress)
-    checked = read_back_check(result, gmenu)
+    checked = read_back_check(result, gmenu)["llama_cpp_dequantizer"]
     with torch.no_grad():
         for name, w in result.dequantized.items():
             ref = next(r for r in loaded.weights if r.name == name)
@@ -304,6 +345,7 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
     for t in plan.tensors:
         types[t.option] = types.get(t.option, 0) + 1
     info = {"path": str(result.path), "file_bytes": result.size, "budget_bytes": budget, "types": types,
+            "source": loaded.source.kind, "notes": _skeleton(loaded).notes,
             "readback_tensors_bit_exact": checked, "plan": plan.summary(),
             "source_grid_note": ("Q4_1 reproduces SmolLM2's source grid (lossless for Q4_1 tensors)" if "Q4_1" in types else None),
             "bias_correction": "not exported: llama.cpp's llama architecture loads no bias tensors for these projections"}

@@ -44,3 +44,34 @@ def llama_generate(path: str, prompt: str, n_tokens: int = 16) -> tuple[str, flo
     elapsed = time.perf_counter() - start
     text = out["choices"][0]["text"]
     return text, out["usage"]["completion_tokens"] / max(elapsed, 1e-9)
+
+
+def llama_speed(path: str, prompt_ids: list[int], n_tokens: int = 128, *, threads: int = 2,
+                repeats: int = 3) -> dict[str, float]:
+    """Prefill and greedy-decode throughput in llama.cpp (tokens/s, median of ``repeats``).
+
+    Decoding is driven token by token (argmax of the last logits, then one
+    ``eval``) so every run does the same work regardless of sampling settings.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise missing_extra("llama_cpp", "llama") from None
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + n_tokens + 8, n_batch=len(prompt_ids), verbose=False,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, logits_all=False)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids)
+        t1 = time.perf_counter()
+        for _ in range(n_tokens):
+            # logits of the last evaluated token, straight from the context: [n_vocab]
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(last))])
+        t2 = time.perf_counter()
+        prefill.append(len(prompt_ids) / (t1 - t0))
+        decode.append(n_tokens / (t2 - t1))
+    return {"prefill_tok_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode)), "threads": threads,
+            "prompt_tokens": len(prompt_ids), "decode_tokens": n_tokens}
