@@ -240,7 +240,7 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     check_positive(args)
     budget, _ = resolve_budget(args) if not getattr(args, "plan", None) else (0, None)
     out = check_output_dir(args.output, args.force)
-    pending = [f for f in formats if f != "gguf"]
+    pending = [f for f in formats if f not in ("gguf", "packed")]
     if pending:
         _log(args, f"note: formats {', '.join(pending)} are not implemented yet")
     t0 = time.perf_counter()
@@ -267,6 +267,8 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     t_cal = time.perf_counter()
     if "gguf" in formats:
         return _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal)
+    if "packed" in formats:
+        return _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, full=full, breakdown=breakdown)
     if getattr(args, "plan", None):
         plan = Plan.load(args.plan)
     else:
@@ -316,6 +318,57 @@ def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal) -> dict:
         _log(args, f"perplexity: llama.cpp {e['llama_cpp_perplexity']:.3f}, PyTorch (same weights) {e['torch_perplexity']:.3f}, "
                    f"difference {100 * e['relative_difference']:.3f} %")
     return {"output": str(out), "gguf": info, "calibration_cached": outcome.cached, "sensitivities": str(outcome.path)}
+
+
+def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool = True, breakdown=None) -> dict:
+    """The packed target: the budget is the whole model.cvxq.safetensors file on disk
+    (the plan counts the file's header, level tables and alignment as fixed bytes)."""
+    import copy
+
+    from .evaluate import evaluate
+    from .formats.packed import export_packed, load_packed_into_model, plan_packed
+    from .native import Geometry
+    from .plan import Plan
+    from .report import write_report
+    from .sizes import format_size
+    from .textdata import evaluation_windows
+
+    if getattr(args, "plan", None):
+        plan = Plan.load(args.plan)  # the writer refuses a file over plan.budget_bytes
+    else:
+        plan = plan_packed(loaded, sens, budget, scope=args.scope, geometry=Geometry(max_row_group=args.max_row_group),
+                           progress=not args.quiet)
+    plan.save(out / "plan.json")
+    t_plan = time.perf_counter()
+    _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget (packed file, header "
+               f"included), {plan.summary()['bits_per_weight']:.3f} bits/weight over quantized tensors, lambda={plan.lam:.3e}")
+    result: dict[str, Any] = {"output": str(out), "plan": str(out / "plan.json"), "summary": plan.summary(),
+                              "sensitivities": str(outcome.path), "calibration_cached": outcome.cached,
+                              "device_budget": breakdown}
+    if not full:
+        return result
+    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
+    reference = copy.deepcopy(loaded.model) if windows is not None else None
+    info = export_packed(loaded, sens, plan, out, progress=not args.quiet)
+    _log(args, f"packed: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(plan.budget_bytes)}), "
+               f"read back bit-exact")
+    evaluation: dict[str, Any] = {"bias_corrected": info["bias_corrected"], "packed": info}
+    if windows is not None:  # evaluate the weights as read from the file
+        load_packed_into_model(info["path"], loaded)
+        base = evaluate(reference, windows, device=str(next(reference.parameters()).device), progress=not args.quiet,
+                        desc="eval original")
+        quant = evaluate(loaded.model, windows, reference, device=str(next(reference.parameters()).device),
+                         progress=not args.quiet, desc="eval packed")
+        evaluation["eval"] = {"text": args.eval_text, "original": base.to_dict(), "quantized": quant.to_dict()}
+        _log(args, f"perplexity: original {base.perplexity:.3f}, packed {quant.perplexity:.3f}, KL {quant.kl:.4f} nats/token")
+    t_end = time.perf_counter()
+    timings = {"total_s": t_end - t0, "calibration_s": t_cal - t0 if not outcome.cached else 0.0,
+               "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, "export_eval_s": t_end - t_plan}
+    result.update(evaluation)
+    result["timings"] = timings
+    others = [f for f in check_formats(args.format) if f != "packed"]
+    result["report"] = str(write_report(out, plan, loaded, sens, evaluation, breakdown, timings, others))
+    return result
 
 
 def _quantize_and_eval(args, loaded, sens, plan, device) -> dict:

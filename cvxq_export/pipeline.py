@@ -103,10 +103,12 @@ def check_budget(budget: int, size_range: tuple[int, int]) -> None:
 
 def plan_native(loaded: LoadedModel, sens: Sensitivities, budget: int, *, scope: str = "all",
                 geometry: Geometry = Geometry(), progress: bool = True,
-                menu: NativeMenu | None = None) -> tuple[Plan, NativeMenu]:
-    """Allocate bit depths per unit under ``budget`` bytes (whole weights)."""
+                menu: NativeMenu | None = None, extra_fixed_bytes: int = 0) -> tuple[Plan, NativeMenu]:
+    """Allocate bit depths per unit under ``budget`` bytes (whole weights).
+    ``extra_fixed_bytes``: a format's own overhead (e.g. the packed file's
+    header), counted as fixed so the file fits the budget."""
     refs = select_weights(loaded, scope)
-    fixed = fixed_bytes(loaded, refs)
+    fixed = fixed_bytes(loaded, refs) + extra_fixed_bytes
     if menu is None:
         menu = build_menu(loaded, sens, refs, geometry, progress=progress)
     lo_bits, hi_bits = cost_range(menu.menu)
