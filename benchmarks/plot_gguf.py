@@ -1,10 +1,7 @@
-"""Plot file size vs llama.cpp perplexity: our GGUF curve and llama.cpp's presets.
+"""Plot file size vs llama.cpp perplexity: our GGUF curve and llama.cpp's presets,
+both measured on this machine with the same protocol.
 
-    python benchmarks/plot_gguf.py docs/bench_gguf.json docs/gguf_curve.png
-
-llama.cpp's points are the figures recorded in issue 3 (same protocol:
-llama_model_quantize on an F16 GGUF of the same weights, 20 x 512 tokens of
-test.txt); they were not re-measured by this script.
+    python benchmarks/plot_gguf.py docs/bench_gguf.json docs/bench_llama_presets.json docs/gguf_curve.png
 """
 import json
 import sys
@@ -14,26 +11,27 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LLAMA_CPP = {  # name: (MB, perplexity), from issue 3
-    "Q4_K_M": (105.5, 30.69), "Q3_K_M": (93.5, 32.23), "Q2_K": (88.2, 38.18),
-    "Q4_K_M+imatrix": (105.5, 30.10), "Q3_K_M+imatrix": (93.5, 31.29), "Q4_0+imatrix": (91.9, 31.50),
-    "Q2_K+imatrix": (88.2, 32.94), "Q3_K_M+imat, Q5_0 emb": (82.9, 32.30), "Q2_K+imat, Q5_0 emb": (77.6, 33.89),
-    "Q2_K+imat, Q4_0 emb": (74.0, 36.27), "Q4_1 (source grid)": (98.4, 29.40),
-}
-
-data = json.load(open(sys.argv[1]))
-rows = [r for r in data["rows"] if "file_bytes" in r]
-fig, ax = plt.subplots(figsize=(7, 4.5))
-ax.plot([r["file_bytes"] / 1e6 for r in rows], [r["perplexity"] for r in rows], "o-", label="cvxq-export GGUF (CVXQ allocation)")
-for name, (mb, ppl) in LLAMA_CPP.items():
-    marker = "s" if "imat" in name else "^"
-    ax.plot(mb, ppl, marker, color="tab:red" if "imat" in name else "tab:orange")
-    ax.annotate(name, (mb, ppl), fontsize=6, xytext=(3, 3), textcoords="offset points")
-ax.axhline(29.31, color="gray", ls=":", label="F16 (270.9 MB): 29.31")
+ours = [r for r in json.load(open(sys.argv[1]))["rows"] if "file_bytes" in r]
+presets = json.load(open(sys.argv[2]))["rows"]
+fig, ax = plt.subplots(figsize=(8, 5))
+ax.plot([r["file_bytes"] / 1e6 for r in ours], [r["perplexity"] for r in ours], "o-", color="tab:blue",
+        label="cvxq-export GGUF (CVXQ allocation)")
+f16 = next((r for r in presets if r["preset"] == "F16"), None)
+for r in presets:
+    if r["preset"] == "F16" or r["file_bytes"] > 145e6:
+        continue
+    style = ("s", "tab:red") if r["imatrix"] else ("^", "tab:orange")
+    ax.plot(r["file_bytes"] / 1e6, r["perplexity"], style[0], color=style[1])
+    ax.annotate(r["label"], (r["file_bytes"] / 1e6, r["perplexity"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+ax.plot([], [], "^", color="tab:orange", label="llama.cpp preset")
+ax.plot([], [], "s", color="tab:red", label="llama.cpp preset + importance matrix")
+if f16:
+    ax.axhline(f16["perplexity"], color="gray", ls=":", label=f"F16 ({f16['file_bytes'] / 1e6:.1f} MB): {f16['perplexity']:.2f}")
 ax.set_xlabel("file size (MB)")
 ax.set_ylabel("perplexity in llama.cpp (wikitext-2 test, 20 x 512)")
-ax.set_title("SmolLM2-135M-Instruct: size vs perplexity")
+ax.set_ylim(top=min(45, ax.get_ylim()[1]))
+ax.set_title("SmolLM2-135M-Instruct: GGUF size vs perplexity")
 ax.legend(fontsize=7)
 ax.grid(alpha=0.3)
 fig.tight_layout()
-fig.savefig(sys.argv[2], dpi=120)
+fig.savefig(sys.argv[3], dpi=120)

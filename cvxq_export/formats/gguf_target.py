@@ -24,11 +24,15 @@ from . import ggml_quant
 from .gguf_meta import GGUFSkeleton, gguf_arch, skeleton_for
 
 # Block types offered, coarse to fine. 256-blocks only where the row allows.
-# Q2_0 (2.25 bits/weight, 64-blocks) and MXFP4 (4.25) are the only types below
-# 4.5 bits/weight whose block divides rows like SmolLM2's 576: without them
-# such tensors cannot go below Q4_0.
-CANDIDATE_TYPES = ("Q2_0", "Q2_K", "IQ2_S", "IQ3_XXS", "Q3_K", "IQ3_S", "MXFP4", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
+# MXFP4 (4.25 bits/weight) and Q2_0 (2.25, 64-blocks) are the only types below
+# 4.5 bits/weight whose block divides rows like SmolLM2's 576. Q2_0 is not
+# offered by default: llama.cpp's CPU backend runs it several times slower than
+# the other types (measured: perplexity windows took ~6x longer), which a user
+# fitting a model for speed would not expect. ``build_menu(types=ALL_TYPES)``
+# opts in.
+CANDIDATE_TYPES = ("Q2_K", "IQ2_S", "IQ3_XXS", "Q3_K", "IQ3_S", "MXFP4", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
                    "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
+ALL_TYPES = ("Q2_0",) + CANDIDATE_TYPES
 ALIGNMENT = 32  # GGUF default tensor data alignment
 METADATA_SLACK = 64  # safety margin over the measured header (float formatting of provenance values cannot grow it)
 
@@ -41,8 +45,8 @@ def _gguf():
     return gguf
 
 
-def legal_types(cols: int) -> list[str]:
-    return [t for t in CANDIDATE_TYPES if t == "F16" or cols % ggml_quant.block_size(t) == 0]
+def legal_types(cols: int, types: tuple[str, ...] = CANDIDATE_TYPES) -> list[str]:
+    return [t for t in types if t == "F16" or cols % ggml_quant.block_size(t) == 0]
 
 
 def tensor_bytes(type_name: str, rows: int, cols: int) -> int:
@@ -133,29 +137,30 @@ def quantize_dequantize(type_name: str, t: GGUFTensorInput) -> tuple[np.ndarray 
 @dataclass
 class GGUFMenu:
     inputs: list[GGUFTensorInput]
-    types: list[list[str]]  # per tensor, legal types (menu column order = CANDIDATE_TYPES)
+    types: list[list[str]]  # per tensor, legal types
     menu: Menu
+    columns: tuple[str, ...] = CANDIDATE_TYPES  # the type of each menu column
 
 
-def build_menu(inputs: list[GGUFTensorInput], *, progress: bool = True) -> GGUFMenu:
+def build_menu(inputs: list[GGUFTensorInput], *, types: tuple[str, ...] = CANDIDATE_TYPES, progress: bool = True) -> GGUFMenu:
     from tqdm.auto import tqdm
 
-    n, o = len(inputs), len(CANDIDATE_TYPES)
+    n, o = len(inputs), len(types)
     cost = np.zeros((n, o), dtype=np.int64)
     dist = np.zeros((n, o), dtype=np.float64)
     legal = np.zeros((n, o), dtype=bool)
-    types = []
+    per_tensor = []
     for i, t in enumerate(tqdm(inputs, desc="gguf menu", unit="tensor", disable=not progress)):
-        ok = legal_types(t.ref.cols)
-        types.append(ok)
-        for j, name in enumerate(CANDIDATE_TYPES):
+        ok = legal_types(t.ref.cols, types)
+        per_tensor.append(ok)
+        for j, name in enumerate(types):
             if name not in ok:
                 continue
             _, deq = quantize_dequantize(name, t)
             legal[i, j] = True
             cost[i, j] = _aligned(tensor_bytes(name, t.ref.rows, t.ref.cols))
             dist[i, j] = float(np.sum(t.importance * (deq - t.weight) ** 2, dtype=np.float64))
-    return GGUFMenu(inputs, types, Menu(cost, dist, legal))
+    return GGUFMenu(inputs, per_tensor, Menu(cost, dist, legal), tuple(types))
 
 
 def _provenance(plan: Plan | None) -> dict[str, str | float | int]:
@@ -230,7 +235,7 @@ def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
     tensors = []
     for i, t in enumerate(gmenu.inputs):
         j = int(alloc.choice[i])
-        tensors.append(TensorPlan(t.ref.name, t.ref.rows, t.ref.cols, CANDIDATE_TYPES[j],
+        tensors.append(TensorPlan(t.ref.name, t.ref.rows, t.ref.cols, gmenu.columns[j],
                                   bytes=int(gmenu.menu.cost[i, j]), distortion=float(gmenu.menu.distortion[i, j])))
     plan = Plan("gguf", budget, alloc.cost, fixed, alloc.lam, alloc.distortion, alloc.min_cost, alloc.max_cost,
                 loaded.source.display, sens.model_fingerprint, tensors, "all")
@@ -350,11 +355,13 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
             "source_grid_note": ("Q4_1 reproduces SmolLM2's source grid (lossless for Q4_1 tensors)" if "Q4_1" in types else None),
             "bias_correction": "not exported: llama.cpp's llama architecture loads no bias tensors for these projections"}
     if eval_windows is not None:
-        from .llama_eval import llama_perplexity
+        from .llama_eval import llama_generate, llama_perplexity
 
         torch_ppl = evaluate(loaded.model, eval_windows, progress=progress, desc="eval torch (gguf weights)")
         llama_ppl = llama_perplexity(str(result.path), eval_windows, progress=progress)
         rel = abs(llama_ppl.perplexity - torch_ppl.perplexity) / torch_ppl.perplexity
         info["eval"] = {"torch_perplexity": torch_ppl.perplexity, "llama_cpp_perplexity": llama_ppl.perplexity,
                         "relative_difference": rel, "within_0.5_percent": rel <= 0.005}
+        text, tps = llama_generate(str(result.path), "The capital of France is", 16)
+        info["eval"]["generation"] = {"prompt": "The capital of France is", "text": text, "decode_tokens_per_s": tps}
     return info
