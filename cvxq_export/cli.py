@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to size the KV cache for (default: SmolLM2-135M config)")
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    from .analysis.cli_analyze import add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
@@ -371,6 +374,12 @@ def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bo
     return result
 
 
+def _cmd_analyze(args) -> dict:
+    from .analysis.cli_analyze import cmd_analyze
+
+    return cmd_analyze(args)
+
+
 def _quantize_and_eval(args, loaded, sens, plan, device) -> dict:
     import copy
 
@@ -441,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"fit": lambda a: cmd_plan(a, full=True), "plan": cmd_plan, "calibrate": cmd_calibrate,
-                "eval": cmd_eval, "devices": cmd_devices}
+                "eval": cmd_eval, "devices": cmd_devices, "analyze": _cmd_analyze}
     try:
         result = handlers[args.command](args)
     except CvxqError as exc:
