@@ -11,6 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# llama.cpp mixes with --token-embedding-type (imatrix) that were not re-measured here: issue 3's figures
+ISSUE_MIXES = {"Q3_K_M+Q5_0 embd (issue)": (82.9, 32.30), "Q2_K+Q5_0 embd (issue)": (77.6, 33.89),
+               "Q2_K+Q4_0 embd (issue)": (74.0, 36.27)}
+
 ours = [r for r in json.load(open(sys.argv[1]))["rows"] if "file_bytes" in r]
 presets = json.load(open(sys.argv[2]))["rows"]
 fig, ax = plt.subplots(figsize=(8, 5))
@@ -23,6 +27,10 @@ for r in presets:
     style = ("s", "tab:red") if r["imatrix"] else ("^", "tab:orange")
     ax.plot(r["file_bytes"] / 1e6, r["perplexity"], style[0], color=style[1])
     ax.annotate(r["label"], (r["file_bytes"] / 1e6, r["perplexity"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+for name, (mb, ppl) in ISSUE_MIXES.items():
+    ax.plot(mb, ppl, "D", color="tab:purple")
+    ax.annotate(name, (mb, ppl), fontsize=6, xytext=(3, -8), textcoords="offset points")
+ax.plot([], [], "D", color="tab:purple", label="llama.cpp mix + imatrix (issue 3 figure)")
 ax.plot([], [], "^", color="tab:orange", label="llama.cpp preset")
 ax.plot([], [], "s", color="tab:red", label="llama.cpp preset + importance matrix")
 if f16:
