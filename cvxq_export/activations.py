@@ -55,11 +55,12 @@ def collect_input_stats(loaded: LoadedModel, windows: np.ndarray, *, hessian: bo
             by_module[id(module)] = []
 
             def hook(mod, inputs, _out, key=id(module)):
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # [tokens, cols]
+                # float32 products per window (fast on CPU), float64 running sums (many windows)
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # [tokens, cols]
                 for name in by_module[key]:
-                    sums[name] = sums.get(name, 0) + (x * x).sum(0)
+                    sums[name] = sums.get(name, 0) + (x * x).sum(0).double()
                     if hessian:
-                        outer[name] = outer.get(name, 0) + x.T @ x
+                        outer[name] = outer.get(name, 0) + (x.T @ x).double()
                     counts[name] = counts.get(name, 0) + x.shape[0]
 
             handles.append(module.register_forward_hook(hook))
@@ -76,11 +77,14 @@ def collect_input_stats(loaded: LoadedModel, windows: np.ndarray, *, hessian: bo
         for h in handles:
             h.remove()
     out: dict[str, InputStats] = {}
+    per_owner: dict[str, InputStats] = {}  # weights sharing an input share one InputStats (no copies)
     for ref in loaded.weights:
         module = _module_for(loaded, ref)
         if module is None:
             continue
         owner = by_module[id(module)][0]
-        n = counts[owner]
-        out[ref.name] = InputStats((sums[owner] / n).numpy(), (outer[owner] / n).numpy() if hessian else None, n)
+        if owner not in per_owner:
+            n = counts[owner]
+            per_owner[owner] = InputStats((sums[owner] / n).numpy(), (outer[owner] / n).numpy() if hessian else None, n)
+        out[ref.name] = per_owner[owner]
     return out

@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="calibrate, allocate under a budget, quantize, evaluate, export (the main job)")
     _common(p, budget=True)
     p.add_argument("--plan", default=None, help="reuse a plan.json instead of allocating")
+    p.add_argument("--no-error-feedback", action="store_true",
+                   help="gguf: round each block on its own instead of GPTQ-style error feedback "
+                        "(faster; feedback needs the input second moments of 32 calibration windows)")
+    p.add_argument("--no-analysis", action="store_true",
+                   help="skip the compressibility / load-time analysis of the written files at the end (~15 s per 75 MB)")
+    p.add_argument("--compress", default="none", metavar="CODEC",
+                   help="packed: also write the chunked compressed container (model.cvxq.safetensors.cvxqz): 'auto' "
+                        "writes it only if the analysis predicts a faster load on some device, with the codec and chunk "
+                        "size it found; zstd-N or lz4 forces that codec; 'none' (default) writes none")
     p = sub.add_parser("calibrate", help="compute and cache CVXQ sensitivities only")
     _common(p, output=True)
     p = sub.add_parser("plan", help="allocate under a budget and write plan.json")
@@ -242,8 +251,9 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     check_text(args.eval_text, "eval-text")
     check_positive(args)
     budget, _ = resolve_budget(args) if not getattr(args, "plan", None) else (0, None)
+    _check_report_args(args, formats)
     out = check_output_dir(args.output, args.force)
-    pending = [f for f in formats if f not in ("gguf", "packed")]
+    pending = [f for f in formats if f not in ("gguf", "packed", "onnx")]
     if pending:
         _log(args, f"note: formats {', '.join(pending)} are not implemented yet")
     t0 = time.perf_counter()
@@ -256,6 +266,8 @@ def cmd_plan(args, *, full: bool = False) -> dict:
             from .formats.gguf_target import size_range as gguf_size_range
 
             size_range = gguf_size_range(loaded)
+        elif "onnx" in formats:
+            size_range = _onnx_size_range(args, loaded)
         else:
             size_range = native_size_range(loaded, refs, geometry, 32)
         if breakdown is not None and budget > size_range[1]:
@@ -269,13 +281,16 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     sens = outcome.sens
     t_cal = time.perf_counter()
     if "gguf" in formats:
-        return _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal)
+        return _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, breakdown=breakdown)
     if "packed" in formats:
         return _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, full=full, breakdown=breakdown)
+    if "onnx" in formats:
+        return _fit_onnx(args, loaded, sens, budget, out, outcome, t0, t_cal, full=full, breakdown=breakdown)
+    native_menu = None  # kept for the report's size-vs-distortion curve
     if getattr(args, "plan", None):
         plan = Plan.load(args.plan)
     else:
-        plan, _ = plan_native(loaded, sens, budget, scope=args.scope, geometry=geometry, progress=not args.quiet)
+        plan, native_menu = plan_native(loaded, sens, budget, scope=args.scope, geometry=geometry, progress=not args.quiet)
     plan.save(out / "plan.json")
     t_plan = time.perf_counter()
     _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget, "
@@ -285,19 +300,19 @@ def cmd_plan(args, *, full: bool = False) -> dict:
                               "device_budget": breakdown}
     if not full:
         return result
-    from .report import write_report
-
     evaluation = _quantize_and_eval(args, loaded, sens, plan, device)
     t_end = time.perf_counter()
     timings = {"total_s": t_end - t0, "calibration_s": t_cal - t0 if not outcome.cached else 0.0,
                "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, "quantize_eval_s": t_end - t_plan}
     result.update(evaluation)
     result["timings"] = timings
-    result["report"] = str(write_report(out, plan, loaded, sens, evaluation, breakdown, timings, formats))
+    result.update(_report_and_analyze(args, out, plan=plan, loaded=loaded, sens=sens, evaluation=evaluation,
+                                      breakdown=breakdown, timings=timings, formats_pending=formats, artifacts=[],
+                                      native_menu=native_menu))
     return result
 
 
-def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal) -> dict:
+def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, *, breakdown=None) -> dict:
     """The GGUF target: the budget is the whole .gguf file on disk."""
     from .formats.gguf_target import export_gguf
     from .io import write_json
@@ -311,16 +326,32 @@ def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal) -> dict:
         plan = Plan.load(args.plan)
         budget = plan.budget_bytes
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
-    info = export_gguf(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan)
+    hessians = None
+    if not getattr(args, "no_error_feedback", False):
+        from .pipeline import input_hessians
+
+        _log(args, "error feedback: collecting input second moments (turn off with --no-error-feedback)")
+        hessians = input_hessians(loaded, args.calibration, _settings(args), progress=not args.quiet)
+    info = export_gguf(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan,
+                       hessians=hessians)
     info["timings"] = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
                        "calibration_cached": outcome.cached}
-    write_json(out / "report.json", info)
+    from .plan import Plan as _Plan
+    from .report import Artifact
+
+    # report.json keeps export_gguf's keys at its top level; the analysis, plots and curve come next to them
+    reported = _report_and_analyze(args, out, plan=_Plan.load(out / "plan.json"), loaded=loaded, sens=sens,
+                                   evaluation={k: info[k] for k in ("eval",) if k in info}, breakdown=breakdown,
+                                   timings=info["timings"], formats_pending=[],
+                                   artifacts=[Artifact("gguf", info["path"], info["file_bytes"])],
+                                   curve=info.get("rd_curve"), extra=info)
     _log(args, f"gguf: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(budget)}), types {info['types']}")
     if "eval" in info:
         e = info["eval"]
         _log(args, f"perplexity: llama.cpp {e['llama_cpp_perplexity']:.3f}, PyTorch (same weights) {e['torch_perplexity']:.3f}, "
                    f"difference {100 * e['relative_difference']:.3f} %")
-    return {"output": str(out), "gguf": info, "calibration_cached": outcome.cached, "sensitivities": str(outcome.path)}
+    return {"output": str(out), "gguf": info, "calibration_cached": outcome.cached, "sensitivities": str(outcome.path),
+            **reported}
 
 
 def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool = True, breakdown=None) -> dict:
@@ -332,15 +363,21 @@ def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bo
     from .formats.packed import export_packed, load_packed_into_model, plan_packed
     from .native import Geometry
     from .plan import Plan
-    from .report import write_report
+    from .report import Artifact
     from .sizes import format_size
     from .textdata import evaluation_windows
 
+    native_menu = None  # built here (not inside plan_packed) so the report can trace the size-vs-distortion curve
     if getattr(args, "plan", None):
         plan = Plan.load(args.plan)  # the writer refuses a file over plan.budget_bytes
     else:
-        plan = plan_packed(loaded, sens, budget, scope=args.scope, geometry=Geometry(max_row_group=args.max_row_group),
-                           progress=not args.quiet)
+        from .native import build_menu
+        from .pipeline import select_weights
+
+        geometry = Geometry(max_row_group=args.max_row_group)
+        native_menu = build_menu(loaded, sens, select_weights(loaded, args.scope), geometry, progress=not args.quiet)
+        plan = plan_packed(loaded, sens, budget, scope=args.scope, geometry=geometry, progress=not args.quiet,
+                           menu=native_menu)
     plan.save(out / "plan.json")
     t_plan = time.perf_counter()
     _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget (packed file, header "
@@ -370,8 +407,156 @@ def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bo
     result.update(evaluation)
     result["timings"] = timings
     others = [f for f in check_formats(args.format) if f != "packed"]
-    result["report"] = str(write_report(out, plan, loaded, sens, evaluation, breakdown, timings, others))
+    evaluation.pop("packed", None)  # reported as an artifact; the full dict stays in the result
+    result.update(_report_and_analyze(args, out, plan=plan, loaded=loaded, sens=sens, evaluation=evaluation,
+                                      breakdown=breakdown, timings=timings, formats_pending=others,
+                                      artifacts=[Artifact("packed", info["path"], info["file_bytes"])],
+                                      native_menu=native_menu, extra={"packed": info}))
     return result
+
+
+def _onnx_size_range(args, loaded) -> tuple[int, int]:
+    """The ONNX file's achievable sizes, from shapes alone (before calibrating)."""
+    from .formats.onnx_target import size_range
+
+    if args.scope != "all":
+        raise CvxqError("the ONNX target quantizes every weight matrix, embedding included (--scope blocks is for the "
+                        "native plan)", "drop --scope blocks, or use --format packed")
+    return size_range(loaded)
+
+
+def _fit_onnx(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool = True, breakdown=None) -> dict:
+    """The ONNX target: the budget is model.onnx on disk (graph and weights in one file);
+    ``plan`` stops after plan.json, ``fit`` writes the model, tokenizer and generate.py
+    and verifies them in ONNX Runtime."""
+    from .formats.onnx_target import check_supported, export_onnx, option_counts, plan_onnx
+    from .plan import Plan
+    from .report import Artifact
+    from .sizes import format_size
+    from .textdata import evaluation_windows
+
+    check_supported(loaded)
+    if getattr(args, "plan", None):
+        plan = Plan.load(args.plan)
+        budget = plan.budget_bytes
+    else:
+        plan, _ = plan_onnx(loaded, sens, budget, progress=not args.quiet)
+    plan.save(out / "plan.json")
+    t_plan = time.perf_counter()
+    _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget (model.onnx, graph "
+               f"bound included), {plan.summary()['bits_per_weight']:.3f} bits/weight, lambda={plan.lam:.3e}")
+    result: dict[str, Any] = {"output": str(out), "plan": str(out / "plan.json"), "summary": plan.summary(),
+                              "options_by_weights": option_counts(plan), "sensitivities": str(outcome.path),
+                              "calibration_cached": outcome.cached, "device_budget": breakdown}
+    if not full:
+        return result
+    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
+    info = export_onnx(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan)
+    timings = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
+               "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, **info["timings"]}
+    info["timings"] = timings
+    v = info["verify"]
+    _log(args, f"onnx: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(budget)}), opset "
+               f"{info['opset']}, embedding {info['embedding_option']}; ONNX Runtime fused {v['fusion']['matmulnbits']} "
+               f"MatMulNBits (bits {v['fusion']['bits']}) + GatherBlockQuantized; greedy generation (fp32 compute) "
+               f"{'identical to' if v['greedy_identical'] else 'DIFFERS from'} PyTorch")
+    if "eval" in v:
+        e = v["eval"]
+        _log(args, f"perplexity: PyTorch (same weights) {e['torch_perplexity']:.3f}, ONNX Runtime fp32 compute "
+                   f"{e['onnxruntime_exact_perplexity']:.3f} ({100 * e['relative_difference']:.3f} %), ONNX Runtime "
+                   f"default (int8 activations) {e['onnxruntime_perplexity']:.3f}")
+    result["onnx"] = info
+    result.update(_report_and_analyze(args, out, plan=plan, loaded=loaded, sens=sens, evaluation={},
+                                      breakdown=breakdown, timings=timings, formats_pending=[],
+                                      artifacts=[Artifact("onnx", info["path"], info["file_bytes"])], extra=info))
+    return result
+
+
+def _check_report_args(args, formats: list[str]) -> None:
+    """Fail fast on the report / analysis flags of ``fit`` (before loading or calibrating)."""
+    compress = getattr(args, "compress", "none") or "none"
+    if compress == "none":
+        return
+    if "packed" not in formats:
+        raise CvxqError(f"--compress {compress} needs the packed format", "add --format packed, or drop --compress")
+    if compress == "auto":
+        if getattr(args, "no_analysis", False):
+            raise CvxqError("--compress auto decides from the analysis, which --no-analysis turns off",
+                            "drop --no-analysis, or name the codec: --compress zstd-3")
+        return
+    from .formats.packed_compressed import parse_codec
+
+    parse_codec(compress)  # raises a CvxqError naming the codecs the container holds
+
+
+def _report_and_analyze(args, out: Path, *, plan, loaded, sens, evaluation: dict, breakdown, timings: dict,
+                        formats_pending: list[str], artifacts: list, native_menu=None, curve=None,
+                        extra: dict | None = None) -> dict:
+    """The end of ``fit``: analyse each written artifact, write the compressed container when asked
+    (and, with ``--compress auto``, when the analysis predicts a gain), then report.md / .html / .json.
+
+    Returns what goes into the command's result: report paths, a compact analysis summary, the container.
+    """
+    from .report import Artifact, container_choice, run_analysis, write_report
+
+    notes: list[str] = []
+    artifacts = list(artifacts)
+    if curve is None and native_menu is not None and plan is not None:
+        from .analysis.rd_curve import native_rd_curve
+
+        curve = native_rd_curve(plan, native_menu)
+    elif curve is None:
+        notes.append("size-vs-distortion curve: it is traced from the allocator's menu, which this run did not keep "
+                     "(a plan reused with --plan, or a target that does not return its menu)")
+    analysis: dict[str, dict] = {}
+    if getattr(args, "no_analysis", False):
+        notes.append("analysis: skipped (--no-analysis)")
+    elif not artifacts:
+        notes.append("analysis: no file was written to analyse (pass --format gguf, packed or onnx)")
+    else:
+        t = time.perf_counter()
+        analysis = run_analysis(artifacts, progress=not args.quiet, log=lambda m: _log(args, m))
+        timings = {**timings, "analysis_s": time.perf_counter() - t}
+    compressed = None
+    compress = getattr(args, "compress", "none") or "none"
+    packed_art = next((a for a in artifacts if a.format == "packed"), None)
+    if compress != "none" and packed_art is not None:
+        from .formats.packed_compressed import DEFAULT_CHUNK_BYTES, write_compressed_packed
+
+        result = analysis.get("packed")
+        choice = container_choice(result, force_codec=None if compress == "auto" else compress) if result else None
+        if compress == "auto" and choice is None:
+            notes.append("compressed container: not written: the analysis predicts no device on which the packed file "
+                         "would load at least 5 % faster compressed (--compress zstd-3 writes one anyway)")
+        else:
+            codec = choice["codec"] if choice else compress
+            chunk = choice["chunk_bytes"] if choice else DEFAULT_CHUNK_BYTES
+            info = write_compressed_packed(packed_art.path, codec=codec, chunk_size=chunk, progress=not args.quiet)
+            if choice and not choice["forced"]:
+                reason = (f"Chosen by the analysis: on {choice['device']} it is predicted to load "
+                          f"{1000 * choice['saving_s']:.0f} ms ({100 * choice['saving_fraction']:.0f} %) faster.")
+            elif choice:
+                reason = (f"Forced with --compress {compress}; the analysis predicts at best {1000 * choice['saving_s']:.0f} ms "
+                          f"({100 * choice['saving_fraction']:.1f} %) on {choice['device']}, not enough to recommend it.")
+            else:
+                reason = f"Forced with --compress {compress} (no analysis)."
+            compressed = {**info, "reason": reason}
+            artifacts.append(Artifact("packed-compressed", info["path"], info["file_bytes"]))
+            _log(args, f"compressed container: {info['path']} {info['file_bytes']:,} bytes ({100 * info['ratio']:.1f} %), "
+                       f"{codec} in {chunk >> 10} KiB chunks, read back through the packed reader")
+    path = write_report(out, plan, loaded, sens, evaluation, breakdown, timings, formats_pending, artifacts=artifacts,
+                        analysis=analysis, curve=curve, compressed=compressed, notes=notes, extra=extra)
+    summary = {fmt: {"best_codec": min(r["codecs"], key=lambda c: c["ratio"])["name"] if r["codecs"] else None,
+                     "best_ratio": min(c["ratio"] for c in r["codecs"]) if r["codecs"] else None,
+                     "compress_on": [d["device"] for d in r["devices"] if d["compress"]]}
+               for fmt, r in analysis.items()}
+    for fmt, s in summary.items():
+        if s["best_codec"]:
+            _log(args, f"analysis {fmt}: best codec {s['best_codec']} ({100 * s['best_ratio']:.1f} %); compressing helps on "
+                       f"{', '.join(s['compress_on']) or 'no device'}")
+    _log(args, f"report: {path} and {out / 'report.html'}")
+    return {"report": str(path), "report_html": str(out / "report.html"), "analysis": summary, "compressed": compressed,
+            "timings": timings}
 
 
 def _cmd_analyze(args) -> dict:
@@ -402,6 +587,37 @@ def _quantize_and_eval(args, loaded, sens, plan, device) -> dict:
     return result
 
 
+def _eval_onnx(args) -> dict:
+    """``cvxq-export eval DIR/model.onnx``: perplexity and a greedy sample in ONNX Runtime,
+    with the tokenizer saved next to the file by ``fit --format onnx``."""
+    from .formats.onnx_target import OrtDecoder
+    from .textdata import evaluation_windows
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise CvxqError(f"ONNX file {path} does not exist", "pass the model.onnx written by `cvxq-export fit --format onnx`")
+    if args.plan:
+        raise CvxqError("--plan applies to a PyTorch model, not to an exported .onnx file", "drop --plan")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means the folder has no usable tokenizer
+        raise CvxqError(f"no tokenizer next to {path}",
+                        "evaluate the model.onnx inside the folder `cvxq-export fit --format onnx` wrote "
+                        "(tokenizer.json sits next to it)") from None
+    windows = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids
+    decoder = OrtDecoder(path)
+    res = decoder.perplexity(windows, progress=not args.quiet)
+    prompt = "The capital of France is"
+    tokens, tps = decoder.greedy(tokenizer(prompt, add_special_tokens=False)["input_ids"], 16)
+    text = tokenizer.decode(tokens)
+    _log(args, f"ONNX Runtime perplexity {res.perplexity:.3f} over {res.tokens} tokens; generated {text!r} "
+               f"at {tps:.1f} tokens/s")
+    return {"eval": res.to_dict(), "onnxruntime": {"perplexity": res.perplexity, "generated": text,
+                                                   "decode_tokens_per_s": tps}}
+
+
 def cmd_eval(args) -> dict:
     import copy
 
@@ -413,6 +629,8 @@ def cmd_eval(args) -> dict:
     check_positive(args)
     if not args.eval_text:
         raise CvxqError("no evaluation text given", "pass --eval-text FILE")
+    if args.model and str(args.model).lower().endswith(".onnx"):
+        return _eval_onnx(args)
     plan = Plan.load(args.plan) if args.plan else None
     loaded, device = _load(args)
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids

@@ -170,3 +170,27 @@ def apply_quantized(loaded: LoadedModel, qtensors: dict[str, NativeTensor], sens
                 module.bias.copy_(correct(module.bias, original, qt.dequant, mean).to(module.bias.dtype))
                 corrected.append(name)
     return corrected
+
+
+def input_hessians(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
+                   n_windows: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
+    """``E[x x^T]`` of every quantizable weight's input (``[cols, cols]`` float32, keyed by
+    weight name; the tied embedding gets the output head's input) over the first
+    ``n_windows`` calibration windows: what error feedback needs.
+
+    Not cached: for SmolLM2 they are ~0.4 GB and take a minute or two to collect,
+    less than reading them back would save.
+    """
+    from .activations import collect_input_stats
+
+    windows = calibration_windows(loaded.tokenizer, calibration, min(n_windows, settings.n_windows), settings.seq_len,
+                                  settings.seed)
+    stats = collect_input_stats(loaded, windows.ids, hessian=True, progress=progress)
+    shared: dict[int, np.ndarray] = {}  # q/k/v (and gate/up) share one input: keep one float32 copy
+    out = {}
+    for name, st in stats.items():
+        key = id(st.hessian)
+        if key not in shared:
+            shared[key] = st.hessian.astype(np.float32)
+        out[name] = shared[key]
+    return out

@@ -201,25 +201,37 @@ def test_device_speeds_from_profiles():
 
 
 def test_chunked_container_layout_and_random_access(tmp_path):
+    import zlib
+
     from cvxq_export.analysis.throttle import MAGIC, ChunkedReader, header_bytes, write_chunked
 
     data = laplace_bytes(300 * KiB, seed=4)
     for codec in ("stored", "zstd-3", "lz4"):
         if codec != "stored":
             need(codec)
-        path = tmp_path / f"{codec}.cvxqc"
+        path = tmp_path / f"{codec}.cvxqz"
         entries = write_chunked(data, path, codec, chunk_size=64 * KiB)
         raw = path.read_bytes()
         assert raw[:8] == MAGIC and len(entries) == 5
         n, size, chunk = struct.unpack_from("<IQQ", raw, 12)
         assert (n, size, chunk) == (5, len(data), 64 * KiB)
-        assert entries[0].offset == header_bytes(5) == 32 + 16 * 5
+        assert entries[0].offset == header_bytes(5) == 40 + 24 * 5
         assert entries[-1].offset + entries[-1].compressed_size == len(raw)
+        # the index: offset, compressed size, raw size, CRC-32 of the raw chunk, reserved
+        off, csize, rsize, crc, reserved = struct.unpack_from("<QIIII", raw, 40 + 24 * 2)
+        assert (off, rsize, reserved) == (entries[2].offset, 64 * KiB, 0)
+        assert crc == zlib.crc32(data[2 * 64 * KiB : 3 * 64 * KiB])
+        if codec == "stored":
+            assert csize == rsize and raw[off : off + csize] == data[2 * 64 * KiB : 3 * 64 * KiB]
         with open(path, "rb") as f:
             r = ChunkedReader(f)
-            assert r.read_chunk(3) == data[3 * 64 * KiB : 4 * 64 * KiB]
-            assert r.read_chunk(4) == data[4 * 64 * KiB :] and r.chunks[4].raw_size == 300 * KiB - 4 * 64 * KiB
-            assert r.read_all() == data
+            assert r.chunk(3) == data[3 * 64 * KiB : 4 * 64 * KiB]
+            assert r.chunk(4) == data[4 * 64 * KiB :] and r.chunks[4].raw_size == 300 * KiB - 4 * 64 * KiB
+            assert r.read_range(70_000, 200_000) == data[70_000:200_000]
+            assert set(r.decoded) == {1, 2, 3, 4}  # only the chunks the reads touched
+            out = bytearray(len(data))
+            r.read_into(out)
+            assert bytes(out) == data
 
 
 def test_throttled_file_never_exceeds_its_speed(tmp_path):
@@ -240,18 +252,31 @@ def test_throttled_file_never_exceeds_its_speed(tmp_path):
 
 
 def test_throttled_load_agrees_with_prediction(tmp_path):
-    """~8 MB at 40 MB/s: plain, serial and overlapped loads within 15 % of the model (about 1.5 s)."""
+    """~8 MB at 25 MB/s: plain, serial and overlapped loads within 15 % of the model (about 1 s each round).
+
+    Robust on a loaded 2-core machine: the throttle is slow enough that decoding (~600 MB/s here, with
+    the CRC) is a small share of every load, each load keeps the fastest of 2 runs, and a round that
+    another process disturbed is retried (up to 3 rounds; the model must hold in one whole round).
+    """
     from cvxq_export.analysis.throttle import validate
 
     need("zstd-3")
     data = laplace_bytes(8 * MiB, seed=5)
-    results = validate(data, tmp_path, codec="zstd-3", chunk_size=1 * MiB, read_MBps=40.0, repeats=2, min_seconds=0.1)
+    rounds = []
+    for attempt in range(3):
+        results = validate(data, tmp_path / f"r{attempt}", codec="zstd-3", chunk_size=1 * MiB, read_MBps=25.0,
+                           repeats=2, min_seconds=0.1)
+        rounds.append({r.mode: f"measured {r.measured_s:.3f} s, predicted {r.predicted_s:.3f} s" for r in results})
+        if all(abs(r.rel_error) < 0.15 for r in results):
+            break
+    else:
+        pytest.fail(f"no round within 15 %: {rounds}")
     by = {r.mode: r for r in results}
     assert set(by) == {"plain", "serial", "overlapped"}
-    for r in results:
-        assert abs(r.rel_error) < 0.15, f"{r.mode}: measured {r.measured_s:.3f} s, predicted {r.predicted_s:.3f} s"
     assert by["overlapped"].measured_s < by["plain"].measured_s  # compressed to ~64 %: loads faster
-    assert by["plain"].predicted_s == pytest.approx(len(data) / 40e6)
+    assert by["overlapped"].file_bytes < 0.7 * len(data)
+    assert by["plain"].predicted_s == pytest.approx(len(data) / 25e6)
+    assert by["serial"].decode_MBps > 25  # the decoder measured here, far faster than the throttle
     json.dumps([r.to_dict() for r in results])
 
 
@@ -372,8 +397,32 @@ def test_analyze_samples_large_files(tmp_path):
                      min_seconds=0.02)
     row = r.chunk_table[0]
     assert r.sampling["sampled"] and row["sampled"] and row["sample_bytes"] <= 512 * KiB
-    assert row["compressed_bytes"] == pytest.approx(row["ratio"] * r.file_bytes + 32 + 16 * 48, abs=1)
+    from cvxq_export.formats.packed_compressed import header_bytes
+
+    assert row["compressed_bytes"] == pytest.approx(row["ratio"] * r.file_bytes + header_bytes(48), abs=1)
     assert 0.55 < row["ratio"] < 0.75 and any("sample" in n for n in r.notes)
+
+
+def test_sampled_estimate_counts_the_metadata_head_once(tmp_path):
+    """A safetensors file with a large, very compressible header and incompressible data: the sampled
+    estimate must match the whole file compressed chunk by chunk (the head measured in full, not
+    weighted like a sample), as the container written from it shows."""
+    import os
+
+    from cvxq_export.analysis.analyze import analyze_file
+    from cvxq_export.formats.packed_compressed import write_container
+
+    need("zstd-3")
+    header = json.dumps({"__metadata__": {"pad": "x" * 600_000},
+                         "t": {"dtype": "U8", "shape": [4 * MiB], "data_offsets": [0, 4 * MiB]}}).encode()
+    path = tmp_path / "head.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + os.urandom(4 * MiB))
+    r = analyze_file(path, _devices()[:1], codecs=["zstd-3"], chunk_sizes=(256 * KiB,), sample_bytes=512 * KiB,
+                     min_seconds=0.02, per_tensor=False)
+    row = r.chunk_table[0]
+    assert row["sampled"] and row["head_bytes"] == 8 + len(header) and row["head_ratio"] < 0.01
+    real = write_container(path, tmp_path / "head.cvxqz", "zstd-3", 256 * KiB).file_bytes
+    assert row["compressed_bytes"] == pytest.approx(real, rel=0.01)
 
 
 def test_analyze_errors(tmp_path):

@@ -59,3 +59,46 @@ def test_newer_types_match_libggml_and_q2_0_search_beats_amax():
     err_ours = float(((deq - w) ** 2).mean())
     err_ggml = float(((ggml_quant.dequantize_rows_ggml("Q2_0", own, 576) - w) ** 2).mean())
     assert err_ours < 0.5 * err_ggml
+
+
+def _correlated_inputs(n: int, seed: int = 1) -> np.ndarray:
+    """H = E[x x^T] of inputs with strongly correlated columns (as in real layers)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(n, n)) / np.sqrt(n)
+    x = rng.normal(size=(2048, n)) @ mix + 0.3 * rng.normal(size=(2048, n))  # [tokens, n]
+    return x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "IQ4_NL", "MXFP4", "Q3_K"])
+def test_error_feedback_lowers_output_error_and_stays_exact(name, weights):
+    from cvxq_export.formats.ggml_feedback import quantize_rows_feedback
+    from cvxq_export.formats.ggml_quant import dequantize_rows_ggml
+
+    rng = np.random.default_rng(2)
+    n = 512  # two 256-blocks for the K-quants: feedback needs a later block to push into
+    w, imp = rng.laplace(0, 0.02, (64, n)).astype(np.float32), rng.random((64, n)).astype(np.float32) ** 4
+    h = _correlated_inputs(n)
+    plain = dequantize_rows(name, quantize_rows(name, w, imp), n)
+    raw, deq = quantize_rows_feedback(name, w, imp, h)
+    # the values we report are what llama.cpp's own dequantizer reads from the bytes
+    assert raw.shape == (64, row_bytes(name, n))
+    assert np.array_equal(dequantize_rows_ggml(name, raw, n), deq)
+
+    def output_error(q):  # sum over rows of (w - q) H (w - q)^T = E ||(w - q) x||^2
+        return float(np.einsum("ij,jk,ik->", w - q, h, w - q))
+
+    assert output_error(deq) < 0.85 * output_error(plain)
+
+
+def test_error_feedback_with_uncorrelated_inputs_is_plain_rounding(weights):
+    """With H = I nothing can be compensated: feedback must change nothing."""
+    from cvxq_export.formats.ggml_feedback import quantize_rows_feedback
+
+    w, imp = weights
+    raw, deq = quantize_rows_feedback("Q4_0", w, imp, np.eye(256))
+    # block by block, each block's scale from libggml (its row statistics then cover one block)
+    blockwise = np.concatenate([quantize_rows("Q4_0", w[:, s:s + 32], imp[:, s:s + 32]) for s in range(0, 256, 32)], axis=1)
+    plain = dequantize_rows("Q4_0", blockwise, 256)
+    # same scales; every weight takes its nearest level, so never further than libggml's code
+    assert np.array_equal(raw.reshape(64, 8, 18)[:, :, :2], blockwise.reshape(64, 8, 18)[:, :, :2])
+    assert np.all(np.abs(w - deq) <= np.abs(w - plain) + 1e-7)

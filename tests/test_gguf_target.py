@@ -142,3 +142,37 @@ def test_single_type_file_runs_in_llama_cpp(tmp_path, tiny_gguf, type_name):
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - ref_logits).max() < 3e-2 * np.abs(ref_logits).max()
+
+
+def test_error_feedback_lowers_layer_output_error(tmp_path, tiny_gguf):
+    """GPTQ-style feedback: the file stays valid (bit-exact read-back) and every
+    layer's output error E||(W - Q) x||^2 on calibration inputs goes down in total."""
+    from cvxq_export.calibrate import CalibrationSettings
+    import gguf
+
+    from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
+    from cvxq_export.model import load_model
+    from cvxq_export.pipeline import calibrate_cached, input_hessians
+
+    loaded = load_model(str(tiny_gguf))
+    settings = CalibrationSettings(n_windows=4, seq_len=64, n_pcs=8)
+    sens = calibrate_cached(loaded, None, settings).sens
+    hessians = input_hessians(loaded, None, settings, progress=False)
+    gmenu = build_menu(tensor_inputs(loaded, sens, loaded.weights), progress=False)
+    plan, _ = plan_gguf(loaded, sens, 4_000_000, gmenu=gmenu, progress=False)
+    plain = write_gguf(loaded, plan, gmenu, tmp_path / "plain.gguf", progress=False)
+    fed = write_gguf(loaded, plan, gmenu, tmp_path / "fed.gguf", progress=False, hessians=hessians)
+    assert abs(fed.size - plain.size) <= 32 and max(fed.size, plain.size) <= 4_000_000  # only the provenance string differs
+    assert read_back_check(fed, gmenu)["llama_cpp_dequantizer"] == 15
+    field = gguf.GGUFReader(str(fed.path)).fields["cvxq.error_feedback"]  # provenance says how it was made
+    assert bytes(field.parts[field.data[0]]).decode() == "gptq-blockwise"
+
+    def output_error(result):
+        total = 0.0
+        for ref in loaded.weights:
+            w = loaded.weight_tensor(ref).detach().float().numpy()  # [rows, cols]
+            d = w - result.dequantized[ref.name]
+            total += float(np.einsum("ij,jk,ik->", d, hessians[ref.name], d))
+        return total
+
+    assert output_error(fed) < 0.95 * output_error(plain)

@@ -642,3 +642,233 @@ def test_cli_plan_format_packed_only_plans(capsys, tmp_path, tiny_llama_dir):
     assert code == 0, captured.err
     assert (out / "plan.json").is_file() and not (out / packed.FILE_NAME).exists()
     assert json.loads(captured.out)["summary"]["format"] == "packed"
+
+
+# --------------------------------------------------------------------------- compressed container (*.cvxqz)
+
+
+import struct  # noqa: E402
+
+from cvxq_export.formats import packed_compressed as pz  # noqa: E402
+
+
+def _need(module: str):
+    return pytest.importorskip(module, reason=f"{module} is not installed (pip install 'cvxq-export[analysis]')")
+
+
+@pytest.mark.parametrize("codec", ["zstd-3", "lz4", "stored"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_compressed_roundtrip_bit_exact_through_read_packed(synth, tmp_path, codec, lazy):
+    if codec != "stored":
+        _need("zstandard" if codec.startswith("zstd") else "lz4")
+    dst = tmp_path / "synthetic.cvxq.safetensors.cvxqz"
+    info = pz.write_compressed_packed(synth.path, dst, codec=codec, chunk_size=1024)
+    assert info["verified"] and info["raw_bytes"] == synth.path.stat().st_size
+    assert dst.read_bytes()[:8] == pz.MAGIC and info["n_chunks"] == -(-info["raw_bytes"] // 1024)
+    with read_packed(synth.path) as plain, read_packed(dst, lazy=lazy) as comp:
+        assert comp.compressed and not plain.compressed
+        assert comp.stored_bytes == dst.stat().st_size and comp.file_bytes == plain.file_bytes
+        assert set(comp.tensors) == set(plain.tensors) and comp.unquantized_names == plain.unquantized_names
+        for name in plain.tensors:
+            assert same_bits(comp.weight(name), plain.weight(name)), name
+            assert same_bits(comp.weight(name), synth.qts[name].dequant.numpy()), name
+        for name in plain.unquantized_names:
+            assert np.array_equal(comp.unquantized(name), plain.unquantized(name))
+        assert np.array_equal(comp.bias("b_proj.weight"), plain.bias("b_proj.weight"))
+        assert comp.config == plain.config and comp.plan_json == plain.plan_json
+        comp.verify_all()
+    # the decoded payload is the original file, byte for byte
+    with pz.ChunkedContainer.open(dst) as c:
+        out = bytearray(c.raw_size)
+        c.read_into(out)
+    assert bytes(out) == synth.path.read_bytes()
+
+
+def test_compressed_seek_to_one_tensor_reads_only_its_chunks(synth, tmp_path):
+    _need("zstandard")
+    dst = tmp_path / "seek.cvxqz"
+    chunk = 256
+    pz.write_compressed_packed(synth.path, dst, codec="zstd-3", chunk_size=chunk)
+    name = "d_proj.weight"
+    with read_packed(dst, lazy=True) as pf:
+        c = pf.container
+        at_open = set(c.decoded)
+        assert at_open <= set(c.chunk_range(0, pf.header_bytes))  # opening decodes the header only
+        c.decoded.clear()
+        w = pf.weight(name)
+        allowed = set(c.chunk_range(0, pf.header_bytes))
+        for buf in pf.buffers.values():
+            if buf.name.startswith(f"{name}.") or buf.name.startswith(packed.LEVELS_PREFIX):
+                allowed |= set(c.chunk_range(buf.begin, buf.end))
+        touched = set(c.decoded)
+        assert touched and touched <= allowed, sorted(touched - allowed)
+        assert len(touched) < len(c.chunks) / 2  # a seek, not a read of the file
+    assert same_bits(w, synth.qts[name].dequant.numpy())
+
+
+def _container_parts(path: Path):
+    raw = path.read_bytes()
+    head = list(struct.unpack_from("<8sBBHIQQII", raw, 0))
+    n = head[4]
+    index = [list(struct.unpack_from("<QIIII", raw, 40 + 24 * i)) for i in range(n)]
+    return raw, head, index, raw[40 + 24 * n:]
+
+
+def _container_bytes(head, index, body: bytes, *, fix_crcs: bool = True) -> bytes:
+    import zlib
+
+    idx = b"".join(struct.pack("<QIIII", *e) for e in index)
+    if fix_crcs:
+        head = list(head)
+        head[7] = zlib.crc32(idx)
+    h = struct.pack("<8sBBHIQQII", *head)
+    if fix_crcs:
+        h = h[:36] + struct.pack("<I", zlib.crc32(h[:36]))
+    return h + idx + body
+
+
+def _edit(fn, fix_crcs: bool = True):
+    def apply(path: Path) -> bytes:
+        raw, head, index, body = _container_parts(path)
+        out = fn(head, index, body)
+        if isinstance(out, bytes):
+            return out
+        head, index, body = out
+        return _container_bytes(head, index, body, fix_crcs=fix_crcs)
+    return apply
+
+
+def _set_head(i, value):
+    def fn(head, index, body):
+        head[i] = value
+        return head, index, body
+    return fn
+
+
+def _set_entry(chunk, field, value):
+    def fn(head, index, body):
+        index[chunk][field] = value
+        return head, index, body
+    return fn
+
+
+def _flip_body_byte(head, index, body):
+    b = bytearray(body)
+    b[len(b) // 2] ^= 0xFF
+    return head, index, bytes(b)
+
+
+COMPRESSED_CASES = {
+    "empty file": (lambda p: b"", "fewer than the 8-byte header"),
+    "magic only": (lambda p: p.read_bytes()[:8], "fewer than the 40-byte header"),
+    "header only": (lambda p: p.read_bytes()[:40], "needs"),
+    "truncated in the index": (lambda p: p.read_bytes()[:60], "truncated"),
+    "truncated in the last chunk": (lambda p: p.read_bytes()[:-3], "runs past the end"),
+    "trailing garbage": (lambda p: p.read_bytes() + b"junk", "follow the last chunk"),
+    "header bit flip": (lambda p: p.read_bytes()[:20] + bytes([p.read_bytes()[20] ^ 1]) + p.read_bytes()[21:],
+                        "header's CRC-32"),
+    "index bit flip": (_edit(_set_entry(1, 2, 7), fix_crcs=False), "index's CRC-32"),
+    "unknown codec": (_edit(_set_head(1, 9)), "unknown codec id"),
+    "giant raw size": (_edit(_set_head(5, 1 << 62)), "cannot hold"),
+    "giant chunk count and raw size": (_edit(_set_head(4, 0xFFFFFFFF)), "cannot hold"),
+    "giant chunk size": (_edit(_set_head(6, 1 << 40)), "chunk size"),
+    "offset into the index": (_edit(_set_entry(0, 0, 8)), "chunks lie back to back"),
+    "offset past the end": (_edit(_set_entry(1, 0, 1 << 40)), "chunks lie back to back"),
+    "giant compressed size": (_edit(_set_entry(0, 1, 0xFFFFFFF0)), "impossible compressed size"),
+    "raw size mismatch": (_edit(_set_entry(0, 2, 100)), "claims 100 raw bytes"),
+    "reserved field": (_edit(_set_entry(0, 4, 1)), "reserved"),
+    "corrupted chunk data": (_edit(_flip_body_byte), "chunk"),
+    "wrong chunk crc": (_edit(_set_entry(0, 3, 12345)), "CRC-32 of the decoded bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPRESSED_CASES))
+@pytest.mark.parametrize("lazy", [False, True])
+def test_malformed_compressed_files_fail_clearly(synth, tmp_path, case, lazy):
+    _need("zstandard")
+    good = tmp_path / "good.cvxqz"
+    pz.write_compressed_packed(synth.path, good, codec="zstd-3", chunk_size=512)
+    make, expect = COMPRESSED_CASES[case]
+    bad = tmp_path / "bad.cvxqz"
+    bad.write_bytes(make(good))
+    with pytest.raises(CvxqError) as err:
+        with read_packed(bad, lazy=lazy) as pf:
+            for name in pf.tensors:  # lazy: a damaged chunk shows when a tensor is read
+                pf.weight(name)
+            pf.verify_all()
+    text = str(err.value)
+    assert expect in text and "fix:" in text, text
+
+
+def test_compressed_zstd_frame_claiming_more_than_its_chunk_is_refused(tmp_path):
+    """A frame whose header declares more bytes than the index allows is refused before zstd allocates them."""
+    zstd = _need("zstandard")
+    path = tmp_path / "bomb.cvxqz"
+    pz.write_container(bytes(1000), path, "zstd-3", chunk_size=1000)
+    raw, head, index, body = _container_parts(path)
+    bomb = zstd.ZstdCompressor(level=3).compress(bytes(1 << 24))  # 16 MiB of zeros, a few hundred bytes
+    index[0][1] = len(bomb)
+    with pytest.raises(CvxqError, match="declares 16,777,216 bytes"):
+        c = pz.ChunkedContainer(__import__("io").BytesIO(_container_bytes(head, index, bomb)), "bomb")
+        c.chunk(0)
+
+
+def test_compressed_writer_refuses_bad_input(synth, tmp_path):
+    with pytest.raises(CvxqError, match="zstd or lz4"):
+        pz.write_compressed_packed(synth.path, tmp_path / "x.cvxqz", codec="brotli-5")
+    with pytest.raises(CvxqError, match="chunk size"):
+        pz.write_compressed_packed(synth.path, tmp_path / "x.cvxqz", codec="stored", chunk_size=0)
+    not_packed = tmp_path / "blob.bin"
+    not_packed.write_bytes(bytes(100))
+    with pytest.raises(CvxqError):
+        pz.write_compressed_packed(not_packed, tmp_path / "y.cvxqz", codec="stored")
+    assert not (tmp_path / "x.cvxqz").exists() and not (tmp_path / "y.cvxqz").exists()
+    good = pz.write_compressed_packed(synth.path, tmp_path / "z.cvxqz", codec="stored")
+    with pytest.raises(CvxqError, match="already a compressed container"):
+        pz.write_compressed_packed(good["path"], tmp_path / "zz.cvxqz", codec="stored")
+
+
+def test_cli_analyze_write_compressed(capsys, synth, tmp_path):
+    from cvxq_export.cli import main
+
+    _need("zstandard")
+    src = tmp_path / "model.cvxq.safetensors"
+    shutil.copy(synth.path, src)
+    code = main(["analyze", str(src), "--device", "raspberry-pi-5-4gb", "--codec", "zstd-3", "--no-tensors",
+                 "--write-compressed", "zstd-3", "--json", "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    dst = Path(result["compressed"]["path"])
+    assert dst == pz.compressed_name(src) and dst.is_file()
+    with read_packed(dst) as comp, read_packed(src) as plain:
+        for name in plain.tensors:
+            assert same_bits(comp.weight(name), plain.weight(name))
+    # not a packed file: refused before the analysis runs
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\0" * 4096)
+    code = main(["analyze", str(blob), "--write-compressed", "-q"])
+    assert code == 2 and "fix:" in capsys.readouterr().err
+
+
+def test_lazy_open_of_an_uncompressed_file_checks_each_tensor_on_access(synth, tmp_path):
+    """lazy=True: the header is checked at open; a damaged tensor fails (clearly) when it is read, not before,
+    and the others still read bit-exact."""
+    data = bytearray(synth.path.read_bytes())
+    with read_packed(synth.path) as pf:
+        victim = pf.buffers["c_proj.weight.offset"]
+    data[victim.begin] ^= 0x01  # one flipped bit in one tensor's offsets
+    bad = tmp_path / "bad.cvxq.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CvxqError, match="c_proj.weight.offset: crc32"):
+        read_packed(bad)  # eager: refused at open
+    with read_packed(bad, lazy=True) as pf:
+        assert same_bits(pf.weight("a_proj.weight"), synth.qts["a_proj.weight"].dequant.numpy())
+        with pytest.raises(CvxqError, match="c_proj.weight.offset: crc32"):
+            pf.weight("c_proj.weight")
+        with pytest.raises(CvxqError, match="crc32"):
+            pf.verify_all()
+    with read_packed(synth.path, lazy=True) as pf:
+        pf.verify_all()
+        for name, qt in synth.qts.items():
+            assert same_bits(pf.weight(name), qt.dequant.numpy())

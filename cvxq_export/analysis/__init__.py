@@ -7,8 +7,10 @@ and by how much?":
 * :mod:`.codecs` -- lossless codecs (zstd, lz4, brotli, an order-0 ANS coder),
   each an optional dependency imported lazily, and their measurement
 * :mod:`.latency` -- the load-time model per device profile and the recommendation
-* :mod:`.throttle` -- a chunked compressed container and a throttled reader that
-  checks the model against measurements on this machine
+* :mod:`.throttle` -- a throttled reader that checks the model against measurements
+  on this machine, through the packed reader's chunked compressed container
+  (:mod:`cvxq_export.formats.packed_compressed`)
+* :mod:`.rd_curve` -- the plan's size-vs-distortion curve, traced from the allocator's menu
 * :mod:`.analyze` -- ``analyze_file`` (whole file, per tensor for GGUF / safetensors),
   Markdown and a PNG chart
 * :mod:`.cli_analyze` -- the ``cvxq-export analyze`` sub-command

@@ -184,6 +184,21 @@ def _gguf_codes(data: np.ndarray, type_id: int, dims: tuple) -> tuple[np.ndarray
 # --------------------------------------------------------------------------- sampling
 
 
+def _metadata_end(path: Path, buf: np.ndarray, fmt: str) -> int:
+    """Bytes before the first tensor's data (the file's metadata); 0 for an unknown layout."""
+    try:
+        if fmt == "safetensors":
+            (n,) = struct.unpack("<Q", bytes(buf[:8]))
+            return min(len(buf), 8 + n)
+        if fmt == "gguf":
+            offsets = [t[2] for t in _gguf_tensors(str(path))]
+            return min(len(buf), min(offsets)) if offsets else 0
+    except Exception:  # noqa: BLE001 - a layout we cannot read is analysed as a plain blob
+        return 0
+    return 0
+
+
+
 def _sample_chunks(buf: np.ndarray, chunk: int, budget: int, min_pieces: int = 8) -> tuple[list[bytes], bool]:
     """Chunks of ``chunk`` bytes spread evenly over ``buf`` (all of them if the file fits in ``budget``).
 
@@ -267,28 +282,36 @@ def analyze_file(path: str | Path, devices: Sequence | None = None,
     fast = [c for c in usable if not c.slow]
     ref_codec = next((c for c in fast if c.name == "zstd-3"), fast[0] if fast else None)
     corrected = False
+    # The metadata at the head of the file (safetensors JSON, GGUF key-values and tokenizer) compresses far
+    # better than tensor data; a sample spread evenly over the file would weight it by the sample's share,
+    # not the file's. So the head is measured in full (its own chunks) and only the tensor data is sampled.
+    head_end = _metadata_end(path, buf, fmt) if size else 0
+    rest = buf[head_end:]
     for cs in chunk_sizes:
         n_chunks = max(1, -(-size // cs)) if size else 0
-        pieces, sampled = _sample_chunks(buf, cs, sample_bytes) if size else ([], False)
+        head_pieces = [bytes(buf[i : min(i + cs, head_end)]) for i in range(0, head_end, cs)]
+        pieces, sampled = _sample_chunks(rest, cs, sample_bytes) if len(rest) else ([], False)
         # slow codecs: a subset of the same pieces (cut to slow_sample_bytes if a chunk is larger)
         slow_pieces, sub = _subsample(pieces, slow_sample_bytes)
-        sample_info[str(cs)] = {"sample_bytes": sum(map(len, pieces)), "chunks": len(pieces),
+        slow_head, head_sub = _subsample(head_pieces, slow_sample_bytes)
+        sample_info[str(cs)] = {"head_bytes": head_end, "sample_bytes": sum(map(len, pieces)), "chunks": len(pieces),
                                 "piece_bytes": max(map(len, pieces)) if pieces else 0,
                                 "slow_sample_bytes": sum(map(len, slow_pieces)), "slow_chunks": len(slow_pieces),
                                 "slow_piece_bytes": max(map(len, slow_pieces)) if slow_pieces else 0}
-        if not pieces:
+        if not pieces and not head_pieces:
             continue
         ref_full = ref_sub = None
         for codec in usable:
             use = slow_pieces if codec.slow else pieces
-            sampled_any |= sampled or (codec.slow and sub)
+            sampled_any |= sampled or (codec.slow and (sub or head_sub))
             # decoding is timed on the first ~1 MiB of the pieces (at least one): enough for a stable rate
-            r = measure_chunks(use, codec, min_seconds=min_seconds, entropy_bits=h, chunk_bytes=cs,
+            timed_on = use or (slow_head if codec.slow else head_pieces)
+            r = measure_chunks(timed_on, codec, min_seconds=min_seconds, entropy_bits=h, chunk_bytes=cs,
                                timed_bytes=min(slow_sample_bytes, MiB))
-            ratio, factor = r.ratio, 1.0
+            ratio, factor = (r.ratio if use else 0.0), 1.0
             if codec is ref_codec:
-                ref_full = r.ratio
-            if codec.slow and sub and ref_codec is not None:
+                ref_full = ratio
+            if use and codec.slow and sub and ref_codec is not None:
                 # sample-bias correction: scale by how the reference codec's ratio differs between the two samples
                 if ref_sub is None:
                     ref_sub = measure_chunks(slow_pieces, ref_codec, timed=False, entropy_bits=h, verify=False).ratio
@@ -297,12 +320,19 @@ def analyze_file(path: str | Path, devices: Sequence | None = None,
                 factor = ref_full / ref_sub if ref_sub else 1.0
                 ratio = r.ratio * factor
                 corrected = True
-            comp_file = ratio * size + header_bytes(n_chunks)
-            chunk_table.append({"codec": codec.name, "chunk_bytes": cs, "ratio": ratio,
+            head_ratio = 0.0
+            if head_pieces:
+                hp = slow_head if codec.slow else head_pieces
+                head_ratio = r.ratio if not use else \
+                    measure_chunks(hp, codec, timed=False, entropy_bits=h, verify=False).ratio
+            comp_file = head_ratio * head_end + ratio * len(rest) + header_bytes(n_chunks)
+            chunk_table.append({"codec": codec.name, "chunk_bytes": cs, "ratio": (comp_file - header_bytes(n_chunks)) / size,
                                 "compressed_bytes": int(math.ceil(comp_file)), "file_ratio": comp_file / size,
                                 "decode_MBps": r.decode_MBps, "compress_MBps": r.compress_MBps,
                                 "sample_bytes": r.raw_bytes, "sample_ratio": r.ratio, "ratio_correction": factor,
-                                "sampled": sampled or (codec.slow and sub)})
+                                "head_bytes": head_end, "head_ratio": head_ratio if head_pieces else None,
+                                "data_ratio": ratio if use else None,
+                                "sampled": sampled or (codec.slow and (sub or head_sub))})
     ref_cs = MiB if MiB in chunk_sizes else chunk_sizes[len(chunk_sizes) // 2]
     codec_rows = []
     for row in chunk_table:

@@ -3,7 +3,10 @@
 Would compressing the file on disk make it load faster on a device, and by how
 much? Prints a summary (or, with ``--json``, leaves stdout to the caller, which
 prints the returned dict); with ``-o DIR`` writes ``analysis.md``,
-``analysis.json`` and ``load_times.png`` there (atomically).
+``analysis.json`` and ``load_times.png`` there (atomically). With
+``--write-compressed [auto|CODEC]`` a packed file also gets its chunked
+compressed container (``FILE.cvxqz``), with ``auto`` only when the analysis
+predicts a faster load on some device.
 
 Wiring into ``cli.py`` (not done here)::
 
@@ -35,6 +38,10 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-tensors", action="store_true", help="skip the per-tensor analysis")
     p.add_argument("-o", "--output", help="output directory for analysis.md, analysis.json and load_times.png")
     p.add_argument("--force", action="store_true", help="write into an existing directory not made by this tool")
+    p.add_argument("--write-compressed", nargs="?", const="auto", default=None, metavar="CODEC",
+                   help="packed files: write the chunked compressed container (FILE.cvxqz, next to FILE or in -o DIR) "
+                        "that the packed reader reads; 'auto' (the default value) only if the analysis predicts a faster "
+                        "load on some device, with its codec and chunk size; zstd-N or lz4 forces that codec")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p
@@ -65,6 +72,16 @@ def cmd_analyze(args) -> dict:
         if bad:
             raise CvxqError(f"unknown codec(s): {', '.join(bad)}", f"use one or more of {', '.join(CODECS)}")
         codecs = list(dict.fromkeys(args.codec))
+    write_compressed = getattr(args, "write_compressed", None)
+    if write_compressed and write_compressed != "auto":
+        from ..formats.packed_compressed import parse_codec
+
+        parse_codec(write_compressed)
+    if write_compressed:
+        from ..formats.packed import read_packed
+
+        with read_packed(artifact, lazy=True):  # header checks only: is this a packed file at all?
+            pass
     out = None
     if args.output:
         from ..cli import check_output_dir
@@ -88,11 +105,33 @@ def cmd_analyze(args) -> dict:
             files["plot"] = str(out / "load_times.png")
         except ImportError:
             _log(args, "note: matplotlib is not installed, so no load_times.png: pip install 'cvxq-export[report]'")
+    compressed = None
+    if write_compressed:
+        compressed = _write_compressed(args, artifact, data, write_compressed, out)
+        if compressed:
+            files["compressed"] = compressed["path"]
     if not args.json:
         _print_summary(data)
     for path in files.values():
         _log(args, f"wrote {path}")
-    return {**data, "files": files}
+    return {**data, "files": files, "compressed": compressed}
+
+
+def _write_compressed(args, artifact: Path, data: dict, codec: str, out: Path | None) -> dict | None:
+    """The container for a packed file, when the analysis finds a gain (or the codec is forced)."""
+    from ..formats.packed_compressed import DEFAULT_CHUNK_BYTES, compressed_name, write_compressed_packed
+    from ..report import container_choice
+
+    choice = container_choice(data, force_codec=None if codec == "auto" else codec)
+    if codec == "auto" and choice is None:
+        _log(args, "compressed container: not written: no device is predicted to load the file at least 5 % faster "
+                   "compressed (pass --write-compressed zstd-3 to write one anyway)")
+        return None
+    dst = compressed_name(out / artifact.name if out is not None else artifact)
+    info = write_compressed_packed(artifact, dst, codec=choice["codec"] if choice else codec,
+                                   chunk_size=choice["chunk_bytes"] if choice else DEFAULT_CHUNK_BYTES,
+                                   progress=not args.quiet)
+    return {**info, "choice": choice}
 
 
 def _print_summary(d: dict) -> None:

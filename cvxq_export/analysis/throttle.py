@@ -1,33 +1,18 @@
 """Check the load-latency model on this machine with a throttled reader.
 
-A file is written as a *chunked container* (layout below), then read back
-through :class:`ThrottledFile`, which sleeps so that no read -- and no stretch
-of reads -- goes faster than a given speed, while a second thread decodes the
-chunks already read (``overlapped``), or after everything is read
+A file is written as the chunked compressed container that the packed reader
+reads (:mod:`cvxq_export.formats.packed_compressed`, ``*.cvxqz``: a header, an
+index of every chunk's offset, sizes and CRC-32, then the chunks), then read
+back through :class:`ThrottledFile`, which sleeps so that no read -- and no
+stretch of reads -- goes faster than a given speed, while a second thread
+decodes the chunks already read (``overlapped``), or after everything is read
 (``serial``); ``plain`` reads the uncompressed file through the same throttle.
 Each measurement is returned next to what :func:`.latency.load_times` predicts
-from the file's sizes, the throttle speed and the codec's decode throughput
-measured here (CPU factor 1).
+from the file's sizes, the throttle speed and the decode throughput of the
+container's own chunk decoder (codec plus CRC-32 check) measured here.
 
 The file is read right after it was written, so it comes from the page cache:
 the throttle, not the disk, sets the read speed.
-
-Chunked container layout (all integers little endian)::
-
-    offset  size    field
-    0       8       magic b"CVXQCHK1"
-    8       1       codec id: 0 = stored, 1 = zstd, 2 = lz4 frame
-    9       1       codec level (informational; 0 if none)
-    10      2       reserved, 0
-    12      4       n_chunks (u32)
-    16      8       raw_size (u64): bytes of the original file
-    24      8       chunk_size (u64): raw bytes per chunk, the last may be shorter
-    32      16 * n  chunk table, per chunk: u64 absolute offset of its compressed
-                    bytes, u32 compressed size, u32 raw size
-    32+16n  ...     the chunks' compressed bytes, back to back
-
-Chunk ``i`` decodes to raw bytes ``[i * chunk_size, i * chunk_size + raw size)``;
-a reader can seek to any chunk through the table.
 """
 from __future__ import annotations
 
@@ -35,113 +20,41 @@ import io
 import mmap
 import os
 import queue
-import struct
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-from .codecs import CODECS, get_codec, time_decode
+from ..formats.packed_compressed import MAGIC, ChunkedContainer, ChunkEntry, header_bytes, write_container
+from .codecs import time_decode
 from .latency import load_times, plain_read_seconds
 
-MAGIC = b"CVXQCHK1"
-_HEAD = struct.Struct("<8sBBHIQQ")  # 32 bytes
-_ENTRY = struct.Struct("<QII")  # 16 bytes
-CODEC_IDS = {"stored": 0, "zstd": 1, "lz4": 2}
-_NAMES = {v: k for k, v in CODEC_IDS.items()}
 MB = 1e6
-
-
-def header_bytes(n_chunks: int) -> int:
-    return _HEAD.size + _ENTRY.size * n_chunks
-
-
-@dataclass(frozen=True)
-class ChunkEntry:
-    offset: int
-    compressed_size: int
-    raw_size: int
-
-
-def _codec_for(name: str):
-    """'zstd-3' / 'lz4' / 'stored' -> (codec id, level, Codec or None)."""
-    if name == "stored":
-        return 0, 0, None
-    codec = get_codec(name)
-    if codec.family not in ("zstd", "lz4"):
-        raise ValueError(f"the chunked container holds zstd or lz4 chunks, not {name}")
-    reason = codec.skip_reason()
-    if reason:
-        raise ImportError(reason)
-    return CODEC_IDS[codec.family], codec.level or 0, codec
+__all__ = ["MAGIC", "ChunkEntry", "ChunkedReader", "ThrottledFile", "ThrottleResult", "header_bytes", "load_overlapped",
+           "load_plain", "load_serial", "validate", "write_chunked"]
 
 
 def write_chunked(data, path: str | Path, codec: str = "zstd-3", chunk_size: int = 1 << 20) -> list[ChunkEntry]:
-    """Write ``data`` (bytes-like) to ``path`` as a chunked container; returns the chunk table."""
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    cid, level, c = _codec_for(codec)
-    buf = memoryview(data).cast("B")
-    n = max(1, -(-len(buf) // chunk_size))
-    blobs = []
-    for i in range(n):
-        piece = buf[i * chunk_size : (i + 1) * chunk_size]
-        blobs.append(bytes(piece) if c is None else c.compress(piece))
-    entries, offset = [], header_bytes(n)
-    for i, b in enumerate(blobs):
-        raw = min(chunk_size, len(buf) - i * chunk_size)
-        entries.append(ChunkEntry(offset, len(b), raw))
-        offset += len(b)
-    from ..io import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(_HEAD.pack(MAGIC, cid, level, 0, n, len(buf), chunk_size))
-        for e in entries:
-            f.write(_ENTRY.pack(e.offset, e.compressed_size, e.raw_size))
-        for b in blobs:
-            f.write(b)
-    return entries
+    """Write ``data`` (bytes-like) to ``path`` as a container; returns its chunk index."""
+    write_container(data, path, codec, chunk_size)
+    with ChunkedContainer.open(path) as c:
+        return list(c.chunks)
 
 
-class ChunkedReader:
-    """Random access to a chunked container through any binary file object."""
-
-    def __init__(self, f: BinaryIO):
-        self.f = f
-        head = _read_exact(f, _HEAD.size)
-        magic, cid, level, _, n, raw, chunk = _HEAD.unpack(head)
-        if magic != MAGIC:
-            raise ValueError("not a chunked container (bad magic)")
-        if cid not in _NAMES:
-            raise ValueError(f"unknown codec id {cid}")
-        # decoding does not depend on the level; the name only reports it
-        self.codec_name = {0: "stored", 2: "lz4"}.get(cid) or (f"zstd-{level}" if f"zstd-{level}" in CODECS else "zstd-3")
-        self.level, self.raw_size, self.chunk_size = level, raw, chunk
-        table = _read_exact(f, _ENTRY.size * n)
-        self.chunks = [ChunkEntry(*_ENTRY.unpack_from(table, i * _ENTRY.size)) for i in range(n)]
-        self._codec = None if cid == 0 else get_codec(self.codec_name)
-
-    def read_raw(self, i: int) -> bytes:
-        e = self.chunks[i]
-        self.f.seek(e.offset)
-        return _read_exact(self.f, e.compressed_size)
-
-    def decode(self, blob: bytes) -> bytes:
-        return blob if self._codec is None else self._codec.decompress(blob)
-
-    def read_chunk(self, i: int) -> bytes:
-        return self.decode(self.read_raw(i))
-
-    def read_all(self) -> bytes:
-        return b"".join(self.read_chunk(i) for i in range(len(self.chunks)))
+def ChunkedReader(f: BinaryIO, *, verify: bool = True) -> ChunkedContainer:  # noqa: N802 - kept as the old class name
+    """Random access to a container through any seekable binary file object."""
+    return ChunkedContainer(f, getattr(f, "name", "<stream>"), verify=verify)
 
 
-def _read_exact(f, n: int) -> bytes:
-    out = f.read(n)
-    if len(out) != n:
-        raise ValueError(f"truncated file: wanted {n} bytes, got {len(out)}")
-    return out
+class _ContainerDecode:
+    """Adapter so :func:`.codecs.time_decode` times the container's chunk decoder (codec + CRC check)."""
+
+    def __init__(self, container: ChunkedContainer):
+        self.container = container
+
+    def decompress(self, item) -> bytes:
+        return self.container.decode(*item)
 
 
 class ThrottledFile(io.RawIOBase):
@@ -244,12 +157,12 @@ def load_serial(path: str | Path, read_MBps: float) -> tuple[bytes, float]:
     t0 = time.perf_counter()
     with ThrottledFile(path, read_MBps) as f:
         r = ChunkedReader(f)
-        blobs = [r.read_raw(i) for i in range(len(r.chunks))]
+        blobs = [r.read_compressed(i) for i in range(len(r.chunks))]
         out = _fresh(r.raw_size)
         view = memoryview(out)  # slice stores through a memoryview (a bytearray's are several times slower)
         pos = 0
-        for b in blobs:
-            piece = r.decode(b)
+        for i, b in enumerate(blobs):
+            piece = r.decode(i, b)
             view[pos : pos + len(piece)] = piece
             pos += len(piece)
         view.release()
@@ -273,7 +186,7 @@ def load_overlapped(path: str | Path, read_MBps: float, depth: int = 4) -> tuple
                     if item is None:
                         return
                     i, blob = item
-                    piece = r.decode(blob)
+                    piece = r.decode(i, blob)
                     start = i * r.chunk_size
                     view[start : start + len(piece)] = piece
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -285,7 +198,7 @@ def load_overlapped(path: str | Path, read_MBps: float, depth: int = 4) -> tuple
             for i in range(len(r.chunks)):
                 if errors:
                     break
-                q.put((i, r.read_raw(i)))
+                q.put((i, r.read_compressed(i)))
         finally:
             q.put(None)
             worker.join()
@@ -332,16 +245,14 @@ def validate(data, workdir: str | Path, *, codec: str = "zstd-3", chunk_size: in
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     raw = bytes(memoryview(data).cast("B"))
-    plain_path, packed_path = workdir / "plain.bin", workdir / f"chunked-{codec}.cvxqc"
+    plain_path, packed_path = workdir / "plain.bin", workdir / f"chunked-{codec}.cvxqz"
     plain_path.write_bytes(raw)
-    entries = write_chunked(raw, packed_path, codec, chunk_size)
+    write_container(raw, packed_path, codec, chunk_size)
     file_bytes = packed_path.stat().st_size
-    decode_MBps = None
-    if codec != "stored":
-        with open(packed_path, "rb") as f:
-            r = ChunkedReader(f)
-            blobs = [r.read_raw(i) for i in range(len(entries))]
-        decode_MBps = time_decode(get_codec(codec), blobs, len(raw), min_seconds)
+    # the decode speed the model is given is the loaders' own chunk decoder (codec + CRC-32), measured here
+    with ChunkedContainer.open(packed_path) as r:
+        items = [(i, r.read_compressed(i)) for i in range(len(r.chunks))]
+        decode_MBps = time_decode(_ContainerDecode(r), items, len(raw), min_seconds)
     results = []
     for mode in modes:
         if mode == "plain":
@@ -349,7 +260,7 @@ def validate(data, workdir: str | Path, *, codec: str = "zstd-3", chunk_size: in
             predicted = plain_read_seconds(len(raw), read_MBps)
         elif mode in ("serial", "overlapped"):
             fn, path = (load_serial if mode == "serial" else load_overlapped), packed_path
-            t = load_times(len(raw), file_bytes, chunk_size, read_MBps, decode_MBps or float("inf"))
+            t = load_times(len(raw), file_bytes, chunk_size, read_MBps, decode_MBps)
             predicted = t.serial_s if mode == "serial" else t.overlapped_s
         else:
             raise ValueError(f"unknown mode {mode!r}: use plain, serial or overlapped")
@@ -362,4 +273,6 @@ def validate(data, workdir: str | Path, *, codec: str = "zstd-3", chunk_size: in
         results.append(ThrottleResult(mode, None if mode == "plain" else codec, None if mode == "plain" else chunk_size,
                                       read_MBps, len(raw), len(raw) if mode == "plain" else file_bytes,
                                       None if mode == "plain" else decode_MBps, best, predicted))
+    plain_path.unlink()
+    packed_path.unlink()
     return results

@@ -20,7 +20,7 @@ from ..errors import CvxqError, InfeasibleBudget, missing_extra
 from ..io import atomic_path
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
 from ..plan import Plan, TensorPlan
-from . import ggml_quant
+from . import ggml_feedback, ggml_quant
 from .gguf_meta import GGUFSkeleton, gguf_arch, skeleton_for
 
 # Block types offered, coarse to fine. 256-blocks only where the row allows.
@@ -33,6 +33,7 @@ from .gguf_meta import GGUFSkeleton, gguf_arch, skeleton_for
 CANDIDATE_TYPES = ("Q2_K", "IQ2_S", "IQ3_XXS", "Q3_K", "IQ3_S", "MXFP4", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
                    "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "F16")
 ALL_TYPES = ("Q2_0",) + CANDIDATE_TYPES
+FLOAT_TYPES = ("F16", "BF16", "F32")
 ALIGNMENT = 32  # GGUF default tensor data alignment
 METADATA_SLACK = 64  # safety margin over the measured header (float formatting of provenance values cannot grow it)
 
@@ -163,7 +164,10 @@ def build_menu(inputs: list[GGUFTensorInput], *, types: tuple[str, ...] = CANDID
     return GGUFMenu(inputs, per_tensor, Menu(cost, dist, legal), tuple(types))
 
 
-def _provenance(plan: Plan | None) -> dict[str, str | float | int]:
+FEEDBACK_VALUES = ("none", "gptq-blockwise")
+
+
+def _provenance(plan: Plan | None, error_feedback: str = "none") -> dict[str, str | float | int]:
     from .. import __version__
 
     return {
@@ -171,6 +175,8 @@ def _provenance(plan: Plan | None) -> dict[str, str | float | int]:
         "cvxq.budget_bytes": int(plan.budget_bytes) if plan else 0,
         "cvxq.lambda": float(plan.lam) if plan else 0.0,
         "cvxq.distortion": float(plan.distortion) if plan else 0.0,
+        # always present, so the header measured by fixed_bytes (with the longest value) covers it
+        "cvxq.error_feedback": error_feedback,
     }
 
 
@@ -202,7 +208,7 @@ def fixed_bytes(loaded: LoadedModel) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "header.gguf")
         writer = gguf.GGUFWriter(path, skeleton.arch)
-        _add_metadata(writer, skeleton, _provenance(None))
+        _add_metadata(writer, skeleton, _provenance(None, max(FEEDBACK_VALUES, key=len)))
         for name, arr in skeleton.float_tensors.items():
             writer.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes)
         for ref in loaded.weights:  # the directory entry's size does not depend on the type
@@ -249,10 +255,16 @@ class GGUFResult:
     dequantized: dict[str, np.ndarray]  # HF name -> [rows, cols] float32 in HF row order
 
 
-def write_gguf(loaded: LoadedModel, plan: Plan, gmenu: GGUFMenu, path: str | Path, *, progress: bool = True) -> GGUFResult:
-    """Write the planned file atomically; return its size and the dequantized weights."""
-    result = _write_file(loaded, gmenu.inputs, {t.name: t.option for t in plan.tensors}, path, _provenance(plan),
-                         progress=progress)
+def write_gguf(loaded: LoadedModel, plan: Plan, gmenu: GGUFMenu, path: str | Path, *, progress: bool = True,
+               hessians: dict[str, np.ndarray] | None = None) -> GGUFResult:
+    """Write the planned file atomically; return its size and the dequantized weights.
+
+    ``hessians`` (HF weight name -> ``[cols, cols]`` input second moment) turns on
+    error feedback (:mod:`ggml_feedback`) for every block-quantized tensor that has one.
+    """
+    extra = _provenance(plan, "gptq-blockwise" if hessians else "none")
+    result = _write_file(loaded, gmenu.inputs, {t.name: t.option for t in plan.tensors}, path, extra,
+                         progress=progress, hessians=hessians)
     if result.size > plan.budget_bytes:
         raise CvxqError(f"the GGUF file is {result.size:,} bytes, over the budget {plan.budget_bytes:,}",
                         "this is a bug in the size accounting; please report it")
@@ -267,7 +279,7 @@ def write_float_gguf(loaded: LoadedModel, path: str | Path, *, type_name: str = 
 
 
 def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[str, str], path: str | Path,
-                extra: dict, *, progress: bool = True) -> GGUFResult:
+                extra: dict, *, progress: bool = True, hessians: dict[str, np.ndarray] | None = None) -> GGUFResult:
     from tqdm.auto import tqdm
 
     gguf = _gguf()
@@ -280,7 +292,11 @@ def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[
             writer.add_tensor(name, arr.astype(np.float32))
         for t in tqdm(inputs, desc="write gguf", unit="tensor", disable=not progress):
             type_name = types[t.ref.name]
-            raw, deq = quantize_dequantize(type_name, t)
+            hessian = None if hessians is None else hessians.get(t.ref.name)
+            if hessian is not None and type_name not in FLOAT_TYPES:
+                raw, deq = ggml_feedback.quantize_rows_feedback(type_name, t.weight, t.importance, hessian)
+            else:
+                raw, deq = quantize_dequantize(type_name, t)
             dequantized[t.ref.name] = unpermute(deq, t.heads) if t.heads else deq
             if raw is None:
                 writer.add_tensor(t.gguf_name, t.weight.astype(np.float16))
@@ -326,10 +342,19 @@ def read_back_check(result: GGUFResult, gmenu: GGUFMenu) -> dict[str, int]:
     return checked
 
 
+def _rd_curve(gmenu: GGUFMenu, plan: Plan, loaded: LoadedModel) -> dict:
+    """The allocator's size-vs-distortion hull around this plan, for the report."""
+    from ..analysis.rd_curve import rd_curve
+
+    chosen = np.array([gmenu.columns.index(t.option) for t in plan.tensors])
+    return rd_curve(gmenu.menu, plan.fixed_bytes, plan.budget_bytes, cost_bits=False, chosen=chosen).to_dict()
+
+
 def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_windows: np.ndarray | None = None,
-                progress: bool = True, plan: Plan | None = None) -> dict:
+                progress: bool = True, plan: Plan | None = None, hessians: dict[str, np.ndarray] | None = None) -> dict:
     """Plan, write, read back, and check in llama.cpp against PyTorch. The
-    model's weights are left set to the GGUF's dequantized values."""
+    model's weights are left set to the GGUF's dequantized values.
+    ``hessians`` (see :func:`pipeline.input_hessians`) turns on error feedback."""
     import torch
 
     from ..evaluate import evaluate
@@ -338,7 +363,7 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
     if plan is None:
         plan, gmenu = plan_gguf(loaded, sens, budget, progress=progress, gmenu=gmenu)
     plan.save(out_dir / "plan.json")
-    result = write_gguf(loaded, plan, gmenu, out_dir / "model.gguf", progress=progress)
+    result = write_gguf(loaded, plan, gmenu, out_dir / "model.gguf", progress=progress, hessians=hessians)
     checked = read_back_check(result, gmenu)["llama_cpp_dequantizer"]
     with torch.no_grad():
         for name, w in result.dequantized.items():
@@ -352,6 +377,8 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
     info = {"path": str(result.path), "file_bytes": result.size, "budget_bytes": budget, "types": types,
             "source": loaded.source.kind, "notes": _skeleton(loaded).notes,
             "readback_tensors_bit_exact": checked, "plan": plan.summary(),
+            "error_feedback": bool(hessians),
+            "rd_curve": _rd_curve(gmenu, plan, loaded),
             "source_grid_note": ("Q4_1 reproduces SmolLM2's source grid (lossless for Q4_1 tensors)" if "Q4_1" in types else None),
             "bias_correction": "not exported: llama.cpp's llama architecture loads no bias tensors for these projections"}
     if eval_windows is not None:

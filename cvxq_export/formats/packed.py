@@ -478,10 +478,18 @@ def _loads(text: str):
 
 
 class PackedFile:
-    """A validated ``cvxq-packed`` file, memory-mapped. Use :func:`read_packed`."""
+    """A validated ``cvxq-packed`` file, memory-mapped (or decoded from a
+    compressed container). Use :func:`read_packed`.
+
+    Opened with ``lazy=True``, the checks that need a tensor's bytes (its
+    checksums, unit map, code count, ...) run on the first access to any of
+    its buffers instead of at open, so reading one tensor touches only that
+    tensor's bytes (and, for a container, only its chunks).
+    """
 
     def __init__(self, path: Path, metadata: dict[str, str], buffers: dict[str, BufferInfo],
-                 tensors: dict[str, TensorInfo], data: np.ndarray, mm: mmap.mmap | None, header_bytes: int):
+                 tensors: dict[str, TensorInfo], data: np.ndarray, mm: mmap.mmap | None, header_bytes: int,
+                 *, deferred_crcs: dict[str, str] | None = None, deferred_tensors: bool = False, container=None):
         self.path = path
         self.metadata = metadata
         self.buffers = buffers
@@ -495,10 +503,57 @@ class PackedFile:
         owned = {f"{n}.{s}" for n in tensors for s in CODE_SUFFIXES}
         owned |= {f"{n}.bias" for n, t in tensors.items() if t.bias}
         self.unquantized_names = [n for n in buffers if n not in owned and not n.startswith((LEVELS_PREFIX, PAD_PREFIX))]
+        # the compressed container the bytes come from (formats.packed_compressed.ChunkedContainer), if any
+        self.container = container
+        self._pending_crcs = dict(deferred_crcs or {})  # buffer -> crc32 still to check (lazy, uncompressed)
+        self._pending_tensors = set(tensors) if deferred_tensors else set()
+        self._owner = {f"{n}.{s}": n for n in tensors for s in (*CODE_SUFFIXES, "bias")} if deferred_tensors else {}
+
+    @property
+    def compressed(self) -> bool:
+        return self.container is not None
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes on disk (the container's size for a compressed file)."""
+        return self.container.file_size if self.container is not None else self.file_bytes
+
+    def _check_buffer(self, name: str) -> None:
+        want = self._pending_crcs.get(name)
+        if want is not None:
+            b = self.buffers[name]
+            got = _crc(self._data[b.begin : b.end])
+            if got != want:  # stays pending: every later access fails the same way
+                raise _bad(self.path, f"{name}: crc32 {got} does not match the stored {want} (corrupted data)")
+            del self._pending_crcs[name]
+
+    def _check_on_access(self, name: str) -> None:
+        """Lazy mode: the deferred checks of the tensor owning buffer ``name`` (or of the buffer alone)."""
+        owner = self._owner.get(name)
+        if owner is not None and owner in self._pending_tensors:
+            t = self.tensors[owner]
+            for suffix in (*CODE_SUFFIXES, "bias"):
+                if f"{owner}.{suffix}" in self.buffers:
+                    self._check_buffer(f"{owner}.{suffix}")
+            _check_tensor_data(self.path, t, self.buffers, self._data)
+            self._pending_tensors.discard(owner)
+        self._check_buffer(name)
+
+    def verify_all(self) -> None:
+        """Run every check a lazy open deferred (padding included); a no-op after an eager open."""
+        for name in list(self._pending_tensors):
+            self._check_on_access(f"{name}.map")
+        for name in list(self._pending_crcs):
+            self._check_buffer(name)
+        for name, b in self.buffers.items():
+            if name.startswith(PAD_PREFIX) and b.nbytes and self._data[b.begin : b.end].any():
+                raise _bad(self.path, f"{name}: padding bytes are not zero")
 
     # -- lifecycle
     def close(self) -> None:
         self._data = None
+        if self.container is not None:
+            self.container.close()
         if self._mmap is not None:
             try:
                 self._mmap.close()
@@ -520,6 +575,8 @@ class PackedFile:
     def raw(self, name: str) -> np.ndarray:
         """A buffer as a read-only NumPy array of its dtype and shape (no copy)."""
         info = self.buffers[name]
+        if self._pending_tensors or self._pending_crcs:
+            self._check_on_access(name)
         arr = self._data[info.begin : info.end].view(DTYPES[info.dtype])
         return arr.reshape(info.shape)
 
@@ -625,13 +682,23 @@ def _unpack(buf: np.ndarray, bits: np.ndarray, start: np.ndarray, size: int) -> 
     return ((window >> (pos & 7).astype(np.uint16)) & mask).astype(np.uint8)
 
 
-def read_packed(path: str | Path, *, verify_checksums: bool = True) -> PackedFile:
+def read_packed(path: str | Path, *, verify_checksums: bool = True, lazy: bool = False) -> PackedFile:
     """Open and validate a ``cvxq-packed`` file; every problem is a CvxqError.
 
     Everything is checked before any tensor is decoded: header length vs file
     size, header size limit, JSON, format and version, every buffer's dtype,
     shape, byte count, bounds, alignment and overlap, the tensors' geometry,
     unit maps, code and scale counts, level tables, zero padding, checksums.
+
+    A compressed container (``*.cvxqz``, :mod:`.packed_compressed`) is
+    recognised by its magic and read transparently: its index is validated,
+    every chunk is decoded (and its CRC-32 checked with ``verify_checksums``;
+    the chunk CRCs cover every byte, so the per-buffer CRCs are then
+    redundant and skipped), and the payload goes through the same checks.
+
+    ``lazy=True`` checks only the header at open and each tensor's bytes on
+    first access (:class:`PackedFile`); for a container, only the chunks a
+    read touches are decoded. ``PackedFile.verify_all()`` runs the rest.
     """
     path = Path(path)
     try:
@@ -644,7 +711,12 @@ def read_packed(path: str | Path, *, verify_checksums: bool = True) -> PackedFil
     with f:
         if size < 8:
             raise _bad(path, f"the file has {size} bytes, fewer than the 8-byte header length (truncated?)")
-        n = int.from_bytes(f.read(8), "little")
+        first = f.read(8)
+        from .packed_compressed import MAGIC as CONTAINER_MAGIC
+
+        if first == CONTAINER_MAGIC:
+            return _read_compressed(path, verify_checksums, lazy)
+        n = int.from_bytes(first, "little")
         if n > MAX_HEADER_BYTES:
             raise _bad(path, f"header length {n:,} bytes exceeds the limit of {MAX_HEADER_BYTES:,} bytes")
         if n < 2:
@@ -657,7 +729,7 @@ def read_packed(path: str | Path, *, verify_checksums: bool = True) -> PackedFil
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         data = np.frombuffer(mm, dtype=np.uint8)
-        pf = _validate(path, raw, size, data, mm, verify_checksums)
+        pf = _validate(path, raw, size, data, mm, verify_checksums, deferred=lazy)
     except BaseException:
         data = None  # noqa: F841 - drop the view so the map can close
         try:
@@ -668,7 +740,54 @@ def read_packed(path: str | Path, *, verify_checksums: bool = True) -> PackedFil
     return pf
 
 
-def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: bool) -> PackedFile:
+def _read_compressed(path: Path, verify: bool, lazy: bool) -> PackedFile:
+    """:func:`read_packed` of a container: the same checks, on the decoded payload."""
+    from .packed_compressed import ChunkedContainer, LazyBytes
+
+    container = ChunkedContainer.open(path, verify=verify)
+    mm = None
+    try:
+        size = container.raw_size
+        if size < 8:
+            raise _bad(path, f"the payload has {size} bytes, fewer than the 8-byte header length")
+        n = int.from_bytes(container.read_range(0, 8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise _bad(path, f"header length {n:,} bytes exceeds the limit of {MAX_HEADER_BYTES:,} bytes")
+        if n < 2:
+            raise _bad(path, f"header length {n} is too small for a JSON object")
+        if 8 + n > size:
+            raise _bad(path, f"header length {n:,} runs past the end of the {size:,}-byte payload")
+        raw = container.read_range(8, 8 + n)
+        if lazy:
+            data = LazyBytes(container)
+        else:
+            try:
+                mm = mmap.mmap(-1, max(size, 1))  # anonymous: pages are only committed as chunks land
+            except (OSError, ValueError, OverflowError, MemoryError):
+                raise CvxqError(f"{path}: cannot allocate {size:,} bytes for the decoded file",
+                                "open it with read_packed(path, lazy=True) to decode tensors one at a time") from None
+            container.read_into(mm)
+            data = np.frombuffer(mm, dtype=np.uint8)[:size]
+        # the chunk CRCs (checked while decoding when verify is on) cover every byte: no per-buffer CRCs
+        pf = _validate(path, raw, size, data, mm, False, deferred=lazy, container=container)
+    except BaseException:
+        data = None  # noqa: F841 - drop the view so the map can close
+        container.close()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+        raise
+    if not lazy:
+        container.close()  # everything is decoded; keep the (closed) container for its index and sizes
+    return pf
+
+
+def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: bool, *, deferred: bool = False,
+              container=None) -> PackedFile:
+    """Every check of :func:`read_packed`. With ``deferred``, only what the header
+    alone decides; the checks that read tensor bytes wait for their first access."""
     bad = lambda what: _bad(path, what)  # noqa: E731
     if raw[:1] != b"{":
         raise bad("the header does not start with '{'")
@@ -750,13 +869,15 @@ def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: b
         want = crcs.get(name)
         if not isinstance(want, str) or not re.fullmatch(r"[0-9a-f]{8}", want):
             raise bad(f"{name}: no crc32 checksum (8 lowercase hex digits) in __metadata__")
-        if verify and _crc(data[b.begin : b.end]) != want:
+        if verify and not deferred and _crc(data[b.begin : b.end]) != want:
             raise bad(f"{name}: crc32 {_crc(data[b.begin : b.end])} does not match the stored {want} (corrupted data)")
 
     # ---- quantized tensors, level tables, padding, unquantized tensors
     tensors: dict[str, TensorInfo] = {}
     for name, t in tmeta.items():
-        tensors[name] = _check_tensor(path, name, t, buffers, data)
+        tensors[name] = _check_tensor(path, name, t, buffers)
+        if not deferred:
+            _check_tensor_data(path, tensors[name], buffers, data)
     owned = {f"{n}.{s}" for n in tensors for s in CODE_SUFFIXES} | {f"{n}.bias" for n, t in tensors.items() if t.bias}
     for name, b in buffers.items():
         if name.startswith(LEVELS_PREFIX):
@@ -766,17 +887,20 @@ def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: b
         elif name.startswith(PAD_PREFIX):
             if b.dtype != "U8" or len(b.shape) != 1:
                 raise bad(f"{name}: padding must be U8 with one dimension")
-            if b.nbytes and data[b.begin : b.end].any():
+            if b.nbytes and not deferred and data[b.begin : b.end].any():
                 raise bad(f"{name}: padding bytes are not zero")
         elif name not in owned and b.dtype != "F16":
             raise bad(f"{name}: unquantized tensors are F16, found {b.dtype}")
     extra = sorted(set(crcs) - set(buffers))
     if extra:
         raise bad(f"crc32 names buffers the file does not have: {extra[:3]}")
-    return PackedFile(path, meta, buffers, tensors, data, mm, start)
+    pending = {n: crcs[n] for n in buffers if not n.startswith(PAD_PREFIX)} if deferred and verify else None
+    return PackedFile(path, meta, buffers, tensors, data, mm, start, deferred_crcs=pending, deferred_tensors=deferred,
+                      container=container)
 
 
-def _check_tensor(path, name: str, t: Any, buffers: dict[str, BufferInfo], data: np.ndarray) -> TensorInfo:
+def _check_tensor(path, name: str, t: Any, buffers: dict[str, BufferInfo]) -> TensorInfo:
+    """The checks of one tensor that the header alone decides."""
     bad = lambda what: _bad(path, f"tensor {name}: {what}")  # noqa: E731
     if not isinstance(t, dict):
         raise bad("its entry is not an object")
@@ -808,6 +932,13 @@ def _check_tensor(path, name: str, t: Any, buffers: dict[str, BufferInfo], data:
     for suffix, n in (("map", n_units), ("offset", n_units)) + ((("bias", rows),) if bias else ()):
         if buffers[f"{name}.{suffix}"].shape[0] != n:
             raise bad(f"buffer {name}.{suffix} has {buffers[f'{name}.{suffix}'].shape[0]:,} values, expected {n:,}")
+    return TensorInfo(name, rows, cols, r, c, transposed, tuple(also), bias)
+
+
+def _check_tensor_data(path, info: TensorInfo, buffers: dict[str, BufferInfo], data) -> None:
+    """The checks of one tensor that read its bytes: unit map, code count and tail, scales, level tables."""
+    name, r, c = info.name, info.row_group, info.col_group
+    bad = lambda what: _bad(path, f"tensor {name}: {what}")  # noqa: E731
     mb = buffers[f"{name}.map"]
     m = data[mb.begin : mb.end]
     illegal = ((m & 0x0F) > MAX_BITS) | ((m >> 5) != 0)
@@ -828,7 +959,6 @@ def _check_tensor(path, name: str, t: Any, buffers: dict[str, BufferInfo], data:
     for depth in np.unique(bits[(kinds == 1) & (bits > 0)]).tolist():
         if f"{LEVELS_PREFIX}{depth}" not in buffers:
             raise bad(f"companded units at {depth} bits but no {LEVELS_PREFIX}{depth} level table")
-    return TensorInfo(name, rows, cols, r, c, transposed, tuple(also), bias)
 
 
 # =========================================================================== model side (torch)
