@@ -19,7 +19,7 @@ from cvxq_export.errors import InfeasibleBudget
 from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
 from cvxq_export.formats.llama_eval import llama_generate, llama_perplexity
 from cvxq_export.model import load_model
-from cvxq_export.pipeline import calibrate_cached
+from cvxq_export.pipeline import calibrate_cached, input_hessians
 from cvxq_export.textdata import evaluation_windows
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
@@ -32,10 +32,17 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--out", default="/tmp/cvxq-bench-gguf")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", action="store_true", help="keep rows of other budgets already in --json")
+    ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
     args = ap.parse_args()
     loaded = load_model(None)
     t0 = time.perf_counter()
-    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), CalibrationSettings(n_windows=64, seq_len=512))
+    settings = CalibrationSettings(n_windows=64, seq_len=512)
+    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), settings)
+    t_h = time.perf_counter()
+    # what `fit --format gguf` does by default: input second moments for error feedback
+    hessians = None if args.no_error_feedback else input_hessians(loaded, str(DATA / "valid.txt"), settings)
+    hessian_s = time.perf_counter() - t_h
     windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
     t_menu = time.perf_counter()
     gmenu = build_menu(tensor_inputs(loaded, outcome.sens, loaded.weights))
@@ -52,7 +59,7 @@ def main() -> None:
             print(f"{mb} MB: {exc}", flush=True)
             rows.append({"budget_mb": mb, "infeasible": str(exc)})
             continue
-        res = write_gguf(loaded, plan, gmenu, out / "model.gguf")
+        res = write_gguf(loaded, plan, gmenu, out / "model.gguf", hessians=hessians)
         readback = read_back_check(res, gmenu)
         write_s = time.perf_counter() - t
         ppl = llama_perplexity(str(res.path), windows)
@@ -63,7 +70,8 @@ def main() -> None:
         emb = plan.tensors[0].option
         rows.append({"budget_mb": mb, "file_bytes": os.path.getsize(res.path), "perplexity": ppl.perplexity,
                      "types": types, "embedding": emb, "plan_write_s": write_s, "decode_tok_s": tps,
-                     "uses_q4_1_source_grid": "Q4_1" in types, "readback_bit_exact": readback})
+                     "uses_q4_1_source_grid": "Q4_1" in types, "readback_bit_exact": readback,
+                     "error_feedback": hessians is not None})
         print(json.dumps(rows[-1]), flush=True)
     print("\n| budget | file bytes | llama.cpp ppl | types (tensor count) | embedding | decode tok/s |\n|---:|---:|---:|---|---|---:|")
     for r in rows:
@@ -71,9 +79,15 @@ def main() -> None:
             print(f"| {r['budget_mb']} MB | infeasible | | {r['infeasible'].splitlines()[0]} | | |")
             continue
         print(f"| {r['budget_mb']} MB | {r['file_bytes']:,} | {r['perplexity']:.2f} | {r['types']} | {r['embedding']} | {r['decode_tok_s']:.0f} |")
-    print(f"\nmenu {menu_s:.0f} s; calibration {'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'}")
+    print(f"\nmenu {menu_s:.0f} s; input second moments {hessian_s:.0f} s; "
+          f"calibration {'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "rows": rows, "total_s": time.perf_counter() - t0}, indent=1))
+        if args.merge and Path(args.json).is_file():
+            done = {r["budget_mb"] for r in rows}
+            rows += [r for r in json.loads(Path(args.json).read_text())["rows"] if r["budget_mb"] not in done]
+            rows.sort(key=lambda r: r["budget_mb"])
+        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "hessian_s": hessian_s, "rows": rows,
+                                               "total_s": time.perf_counter() - t0}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Plot file size vs llama.cpp perplexity: our GGUF curve and llama.cpp's presets,
 both measured on this machine with the same protocol.
 
-    python benchmarks/plot_gguf.py docs/bench_gguf.json docs/bench_llama_presets.json docs/gguf_curve.png
+    python benchmarks/plot_gguf.py docs/bench_gguf.json docs/bench_llama_presets.json docs/gguf_curve.png \
+        [--also "LABEL=FILE.json" ...]
+
+``--also`` adds more of our curves (rows with file_bytes and perplexity): the
+no-feedback ablation, the packed format (PyTorch perplexity of its weights).
 """
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -15,11 +19,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 ISSUE_MIXES = {"Q3_K_M+Q5_0 embd (issue)": (82.9, 32.30), "Q2_K+Q5_0 embd (issue)": (77.6, 33.89),
                "Q2_K+Q4_0 embd (issue)": (74.0, 36.27)}
 
-ours = [r for r in json.load(open(sys.argv[1]))["rows"] if "file_bytes" in r]
-presets = json.load(open(sys.argv[2]))["rows"]
+ap = argparse.ArgumentParser()
+ap.add_argument("ours")
+ap.add_argument("presets")
+ap.add_argument("out")
+ap.add_argument("--also", action="append", default=[], help="LABEL=FILE.json")
+args = ap.parse_args()
+ours = [r for r in json.load(open(args.ours))["rows"] if "file_bytes" in r]
+presets = json.load(open(args.presets))["rows"]
 fig, ax = plt.subplots(figsize=(8, 5))
 ax.plot([r["file_bytes"] / 1e6 for r in ours], [r["perplexity"] for r in ours], "o-", color="tab:blue",
-        label="cvxq-export GGUF (CVXQ allocation)")
+        label="cvxq-export GGUF (CVXQ allocation + error feedback)")
+for spec, style in zip(args.also, ["x--", "v-.", "*:"]):
+    label, path = spec.split("=", 1)
+    extra = [r for r in json.load(open(path))["rows"] if "file_bytes" in r]
+    ax.plot([r["file_bytes"] / 1e6 for r in extra], [r["perplexity"] for r in extra], style, label=label, alpha=0.8)
 f16 = next((r for r in presets if r["preset"] == "F16"), None)
 for r in presets:
     if r["preset"] == "F16" or r["file_bytes"] > 145e6:
@@ -42,4 +56,4 @@ ax.set_title("SmolLM2-135M-Instruct: GGUF size vs perplexity")
 ax.legend(fontsize=7)
 ax.grid(alpha=0.3)
 fig.tight_layout()
-fig.savefig(sys.argv[3], dpi=120)
+fig.savefig(args.out, dpi=120)

@@ -1,0 +1,138 @@
+"""CVXQ-allocated ONNX (QDQ -> MatMulNBits) vs ONNX Runtime's own RTN quantizer (SmolLM2-135M).
+
+Protocol (issue 4): calibrate on valid.txt (64 x 512, cached); perplexity in
+ONNX Runtime (CPU provider) on the first 20 windows of 512 tokens of test.txt,
+each window from an empty cache; prefill and decode tokens/s with 2 threads.
+The budget is model.onnx on disk (weights inside, no external data).
+
+Baseline: the same decoder graph exported with fp32 weights (head untied),
+then ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``
+(RTN, asymmetric, MatMul along K and the embedding through
+GatherBlockQuantized, accuracy level 4).
+
+    python benchmarks/bench_onnx.py [--budgets 90,108.8] [--rtn-blocks 32,128] [--json docs/bench_onnx.json]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cvxq_export.calibrate import CalibrationSettings
+from cvxq_export.formats.onnx_qdq import build_menu
+from cvxq_export.formats.onnx_target import OrtDecoder, export_onnx, write_float_onnx
+from cvxq_export.model import load_model
+from cvxq_export.pipeline import calibrate_cached
+from cvxq_export.textdata import evaluation_windows
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
+PROMPT = "The history of the city"
+
+
+def speed(path: Path, windows: np.ndarray, tokenizer, threads: int = 2, n_decode: int = 64) -> dict:
+    """Prefill tokens/s (one 512-token window, median of 3) and greedy decode tokens/s."""
+    dec = OrtDecoder(path, threads=threads)
+    dec.forward(windows[0][None, :16])  # warm-up
+    times = []
+    for row in windows[:3]:
+        t = time.perf_counter()
+        dec.forward(row[None])
+        times.append(time.perf_counter() - t)
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    _, decode = dec.greedy(prompt, n_decode)
+    return {"prefill_tok_s": windows.shape[1] / statistics.median(times), "decode_tok_s": decode}
+
+
+def rtn_baseline(float_path: Path, out: Path, block: int, symmetric: bool = False) -> Path:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    import onnx
+
+    q = MatMulNBitsQuantizer(onnx.load(str(float_path)), bits=4, block_size=block, is_symmetric=symmetric,
+                             accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
+                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q.process()
+    path = out / f"rtn_b{block}{'_sym' if symmetric else ''}.onnx"
+    q.model.save_model_to_file(str(path), use_external_data_format=False)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="90,108.8", help="file budgets in MB (10^6 bytes)")
+    ap.add_argument("--rtn-blocks", default="32,128", help="block sizes of ORT's RTN baseline ('' to skip)")
+    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 export's perplexity")
+    ap.add_argument("--out", default="/tmp/cvxq-bench-onnx")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    loaded = load_model(None)
+    settings = CalibrationSettings(n_windows=64, seq_len=512)
+    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), settings)
+    windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    t = time.perf_counter()
+    qmenu = build_menu(loaded, outcome.sens, loaded.weights)
+    menu_s = time.perf_counter() - t
+    print(f"menu {menu_s:.0f} s", flush=True)
+    rows = []
+    float_path = out / "fp32.onnx"
+    write_float_onnx(loaded, float_path)  # from the original weights, before any export changes them
+    for mb in [float(b) for b in args.budgets.split(",") if b]:
+        budget = int(mb * 1e6)
+        model = loaded if not rows else load_model(None)  # export_onnx leaves the model holding its weights
+        t = time.perf_counter()
+        info = export_onnx(model, outcome.sens, budget, out / f"cvxq_{mb}", eval_windows=windows, qmenu=qmenu)
+        export_s = time.perf_counter() - t
+        v = info["verify"]
+        row = {"method": f"CVXQ {mb} MB", "budget_bytes": budget, "file_bytes": info["file_bytes"],
+               "perplexity": v["eval"]["onnxruntime_perplexity"], "torch_perplexity": v["eval"]["torch_perplexity"],
+               "exact_perplexity": v["eval"]["onnxruntime_exact_perplexity"],
+               "ppl_relative_difference": v["eval"]["relative_difference"], "greedy_identical": v["greedy_identical"],
+               "greedy_identical_default": v["greedy_identical_default"],
+               "fusion": v["fusion"], "options_by_weights": info["options_by_weights"],
+               "embedding": info["embedding_option"], "splits": info["splits"],
+               "source_grid_note": info["source_grid_note"], "lossless_weights": info["lossless_weights"],
+               "export_verify_s": export_s, **speed(Path(info["path"]), windows, loaded.tokenizer, args.threads)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+    if not args.no_fp32:
+        dec = OrtDecoder(float_path, threads=args.threads)
+        ppl = dec.perplexity(windows, desc="eval fp32 onnx")
+        rows.append({"method": "fp32 export (head untied)", "file_bytes": os.path.getsize(float_path),
+                     "perplexity": ppl.perplexity, **speed(float_path, windows, loaded.tokenizer, args.threads)})
+        print(json.dumps(rows[-1]), flush=True)
+        del dec
+    for block in [int(b) for b in args.rtn_blocks.split(",") if b]:
+        t = time.perf_counter()
+        path = rtn_baseline(float_path, out, block)
+        q_s = time.perf_counter() - t
+        ppl = OrtDecoder(path, threads=args.threads).perplexity(windows, desc=f"eval rtn b{block}")
+        rows.append({"method": f"ORT RTN 4-bit b{block} asym, embedding GBQ", "file_bytes": os.path.getsize(path),
+                     "perplexity": ppl.perplexity, "quantize_s": q_s,
+                     **speed(path, windows, loaded.tokenizer, args.threads)})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| method | file bytes | ORT perplexity | prefill tok/s | decode tok/s |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['file_bytes']:,} | {r['perplexity']:.2f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.1f} |")
+    print(f"\nmenu {menu_s:.0f} s; calibration {'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'}; "
+          f"total {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "rows": rows, "total_s": time.perf_counter() - t0},
+                                              indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
