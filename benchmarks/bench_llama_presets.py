@@ -88,7 +88,11 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/cvxq-presets")
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated preset tags to run, e.g. 'Q3_K_M+embd-Q5_0,Q2_K+embd-Q4_0' (F16 always)")
+    ap.add_argument("--merge", action="store_true", help="keep rows of other presets already in --json")
     args = ap.parse_args()
+    only = None if args.only is None else set(args.only.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(None)
@@ -121,6 +125,8 @@ def main() -> None:
     measure("F16", f16_res.path, "F16", None, None)
     for preset, embd in PRESETS:
         tag = preset + (f"+embd-{embd}" if embd else "")
+        if only is not None and tag not in only:
+            continue
         plain = out / f"{tag}.gguf"
         llama_quantize(f16, plain, preset, embd)
         measure(tag, plain, preset, embd, False)
@@ -132,6 +138,10 @@ def main() -> None:
         print(f"| {r['label']} | {r['imatrix']} | {r['file_bytes']:,} | {r['file_bytes'] / 1e6:.1f} | {r['perplexity']:.2f} "
               f"| {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
     if args.json:
+        if args.merge and Path(args.json).is_file():
+            done = {r["label"] for r in rows}
+            rows += [r for r in json.loads(Path(args.json).read_text())["rows"] if r["label"] not in done]
+            rows.sort(key=lambda r: -r["file_bytes"])
         Path(args.json).write_text(json.dumps({"imatrix_s": imatrix_s, "rows": rows}, indent=1))
 
 

@@ -375,6 +375,63 @@ def test_analyze_gguf(gguf_file):
     assert "Q8_0" in render_markdown(r)
 
 
+def _tiny_onnx(path):
+    """An ONNX file with packed uint4 / int4 / uint2 initializers and a float one."""
+    onnx = pytest.importorskip("onnx", reason="onnx not installed: pip install 'cvxq-export[onnx]'")
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes not installed: pip install 'cvxq-export[onnx]'")
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"u4": rng.integers(0, 16, (64, 48)).astype(ml_dtypes.uint4),
+              "i4": rng.integers(-8, 8, (33, 16)).astype(ml_dtypes.int4),  # odd element count: a half-used last byte
+              "u2": rng.integers(0, 2, (40, 9)).astype(ml_dtypes.uint2),  # only 2 of the 4 levels used: 1 bit/code
+              "f": rng.standard_normal((10, 7)).astype(np.float32)}
+    inits = [numpy_helper.from_array(np.asarray(a), n) for n, a in arrays.items()]
+    graph = helper.make_graph([helper.make_node("Identity", ["f"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", 1, [10, 7])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    model.ir_version = 13
+    onnx.save(model, str(path))
+    return arrays
+
+
+def test_onnx_directory_locates_initializers_and_codes(tmp_path):
+    from cvxq_export.formats.onnx_directory import initializer_codes, is_onnx, read_initializers
+
+    path = tmp_path / "m.onnx"
+    arrays = _tiny_onnx(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    assert is_onnx(buf) and not is_onnx(np.frombuffer(b"GGUF\x03\x00", np.uint8))
+    inits = {i.name: i for i in read_initializers(buf)}
+    assert set(inits) == set(arrays)
+    assert [inits[n].type_name for n in ("u4", "i4", "u2", "f")] == ["UINT4", "INT4", "UINT2", "FLOAT"]
+    assert bytes(buf[inits["f"].offset:inits["f"].offset + inits["f"].nbytes]) == arrays["f"].tobytes()
+    for name, shift in (("u4", 0), ("i4", 8), ("u2", 0)):
+        codes, bits = initializer_codes(buf, inits[name])
+        np.testing.assert_array_equal(codes, np.asarray(arrays[name]).astype(np.int16).reshape(-1) + shift)
+    assert initializer_codes(buf, inits["f"]) is None
+    # a truncated file is refused with a clear error, not read past its end
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(path.read_bytes()[: inits["u4"].offset + 10])
+    with pytest.raises(CvxqError, match="truncated|ends inside"):
+        read_initializers(np.memmap(cut, dtype=np.uint8, mode="r"))
+
+
+def test_analyze_onnx(tmp_path):
+    from cvxq_export.analysis.analyze import analyze_file
+
+    need("zstd-3")
+    path = tmp_path / "m.onnx"
+    _tiny_onnx(path)
+    r = analyze_file(path, _devices()[:1], **FAST)
+    assert r.format == "onnx"
+    tensors = {t["name"]: t for t in r.tensors}
+    assert tensors["u4"]["code_entropy"]["bits"] == 4 and 3.9 < tensors["u4"]["code_entropy"]["bits_per_code"] <= 4
+    assert abs(tensors["u2"]["code_entropy"]["bits_per_code"] - 1.0) < 0.05  # half the 2-bit levels unused
+    assert tensors["f"]["code_entropy"] is None
+    assert sum(t["nbytes"] for t in r.tensors) < r.file_bytes
+
+
 def test_analyze_random_blob_recommends_plain(tmp_path):
     from cvxq_export.analysis.analyze import analyze_file
 

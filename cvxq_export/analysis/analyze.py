@@ -15,9 +15,11 @@
   on the subset, which removes most of the subset's bias. Decode throughput is
   timed on up to 1 MiB of the sample, for at least ``min_seconds`` per codec
   and chunk size;
-* for GGUF (via :func:`cvxq_export.formats.gguf_directory.read_directory`) and
-  safetensors files, per tensor: its byte entropy (exact), the entropy of its
-  quantized codes for GGUF Q8_0 / Q4_0 / Q4_1 and safetensors I8 / U8 tensors,
+* for GGUF (via :func:`cvxq_export.formats.gguf_directory.read_directory`),
+  safetensors and ONNX files (initializers located by
+  :mod:`cvxq_export.formats.onnx_directory`), per tensor: its byte entropy
+  (exact), the entropy of its quantized codes for GGUF Q8_0 / Q4_0 / Q4_1,
+  safetensors I8 / U8 and ONNX int2 / int4 / int8 (and unsigned) tensors,
   and the best of the fast codecs on a sample of it (at most
   ``tensor_sample_bytes`` over all tensors);
 * per device profile: plain read, compressed serial and overlapped load times
@@ -121,6 +123,10 @@ def _detect(buf: np.ndarray) -> str:
         (n,) = struct.unpack("<Q", bytes(buf[:8]))
         if 2 <= n <= len(buf) - 8 and bytes(buf[8:9]) == b"{":
             return "safetensors"
+    from ..formats.onnx_directory import is_onnx
+
+    if is_onnx(buf):
+        return "onnx"
     return "blob"
 
 
@@ -193,6 +199,7 @@ def _metadata_end(path: Path, buf: np.ndarray, fmt: str) -> int:
         if fmt == "gguf":
             offsets = [t[2] for t in _gguf_tensors(str(path))]
             return min(len(buf), min(offsets)) if offsets else 0
+        # ONNX: the graph's nodes follow the initializers in our files, so there is no metadata head to split off
     except Exception:  # noqa: BLE001 - a layout we cannot read is analysed as a plain blob
         return 0
     return 0
@@ -345,7 +352,7 @@ def analyze_file(path: str | Path, devices: Sequence | None = None,
 
     # ---- per tensor
     tensors: list[TensorInfo] = []
-    if per_tensor and fmt in ("gguf", "safetensors") and size:
+    if per_tensor and fmt in ("gguf", "safetensors", "onnx") and size:
         tensors = _analyze_tensors(path, buf, fmt, usable, tensor_sample_bytes, notes)
 
     # ---- devices
@@ -386,8 +393,15 @@ def analyze_file(path: str | Path, devices: Sequence | None = None,
 
 
 def _analyze_tensors(path: Path, buf: np.ndarray, fmt: str, usable, budget: int, notes: list[str]) -> list[TensorInfo]:
+    onnx_inits = {}
     if fmt == "gguf":
         rows = _gguf_tensors(str(path))
+    elif fmt == "onnx":
+        from ..formats.onnx_directory import read_initializers
+
+        inits = [i for i in read_initializers(buf) if i.nbytes]
+        onnx_inits = {i.name: i for i in inits}
+        rows = [(i.name, i.type_name, i.offset, i.nbytes, i.dims, None) for i in inits]
     else:
         rows = [(n, d, off, nb, shape, None) for n, d, off, nb, shape in _safetensors_tensors(buf, str(path))]
     fast = [c for c in usable if not c.slow]
@@ -406,6 +420,10 @@ def _analyze_tensors(path: Path, buf: np.ndarray, fmt: str, usable, budget: int,
         codes = None
         if type_id is not None:
             codes = _gguf_codes(data, type_id, shape)
+        elif name in onnx_inits:
+            from ..formats.onnx_directory import initializer_codes
+
+            codes = initializer_codes(buf, onnx_inits[name])
         elif dtype in ("I8", "U8") and nbytes:
             arr = np.asarray(data)
             codes = ((arr.view(np.int8).astype(np.int16) + 128) if dtype == "I8" else arr, 8)
