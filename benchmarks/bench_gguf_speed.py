@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-import numpy as np
+from speed_pairs import print_pairs, time_pairs  # benchmarks/speed_pairs.py
 
 from cvxq_export.formats.llama_eval import llama_speed
 
@@ -27,28 +26,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     prompt = list(range(1000, 1064))  # 64 ordinary token ids; speed does not depend on the text
-    rows = []
-    for pair in args.pairs:
-        a, b = pair.split(":")
-        runs: dict[str, list[dict]] = {a: [], b: []}
-        for _ in range(args.rounds):
-            for path in (a, b):
-                runs[path].append(llama_speed(path, prompt, 128, threads=args.threads, repeats=1))
-        row = {}
-        for path, label in ((a, "ours"), (b, "other")):
-            row[label] = {"path": path, "file_bytes": os.path.getsize(path),
-                          "prefill_tok_s": float(np.median([r["prefill_tok_s"] for r in runs[path]])),
-                          "decode_tok_s": float(np.median([r["decode_tok_s"] for r in runs[path]]))}
-        row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["other"]["decode_tok_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print("\n| ours | bytes | decode tok/s | prefill tok/s | llama.cpp preset | bytes | decode tok/s | prefill tok/s | decode ratio |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
-    for r in rows:
-        o, t = r["ours"], r["other"]
-        print(f"| {Path(o['path']).parent.name}/{Path(o['path']).name} | {o['file_bytes']:,} | {o['decode_tok_s']:.1f} | "
-              f"{o['prefill_tok_s']:.0f} | {Path(t['path']).name} | {t['file_bytes']:,} | {t['decode_tok_s']:.1f} | "
-              f"{t['prefill_tok_s']:.0f} | {r['decode_ratio']:.2f} |")
+    rows = time_pairs(args.pairs, args.rounds,
+                      lambda p: llama_speed(p, prompt, 128, threads=args.threads, repeats=1))
+    print_pairs(rows, "llama.cpp preset")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": rows}, indent=1))
 

@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 export's perplexity")
     ap.add_argument("--out", default="/tmp/cvxq-bench-onnx")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", action="store_true", help="keep rows of other methods already in --json")
+    ap.add_argument("--rtn-symmetric", action="store_true", help="also ORT's RTN with symmetric blocks")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,21 +82,33 @@ def main() -> None:
     settings = CalibrationSettings(n_windows=64, seq_len=512)
     outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), settings)
     windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    budgets = [float(b) for b in args.budgets.split(",") if b]
     t = time.perf_counter()
-    qmenu = build_menu(loaded, outcome.sens, loaded.weights)
+    qmenu = build_menu(loaded, outcome.sens, loaded.weights) if budgets else None
     menu_s = time.perf_counter() - t
     print(f"menu {menu_s:.0f} s", flush=True)
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:  # after every row: a long run that stops half-way keeps what it measured
+        if not args.json:
+            return
+        kept = []
+        if args.merge and Path(args.json).is_file():
+            done = {r["method"] for r in rows}
+            kept = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["method"] not in done]
+        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "rows": kept + rows,
+                                               "total_s": time.perf_counter() - t0}, indent=1, default=str) + "\n")
+
     float_path = out / "fp32.onnx"
     write_float_onnx(loaded, float_path)  # from the original weights, before any export changes them
-    for mb in [float(b) for b in args.budgets.split(",") if b]:
+    for mb in budgets:
         budget = int(mb * 1e6)
         model = loaded if not rows else load_model(None)  # export_onnx leaves the model holding its weights
         t = time.perf_counter()
         info = export_onnx(model, outcome.sens, budget, out / f"cvxq_{mb}", eval_windows=windows, qmenu=qmenu)
         export_s = time.perf_counter() - t
         v = info["verify"]
-        row = {"method": f"CVXQ {mb} MB", "budget_bytes": budget, "file_bytes": info["file_bytes"],
+        row = {"method": f"CVXQ {mb} MB", "path": info["path"], "budget_bytes": budget, "file_bytes": info["file_bytes"],
                "perplexity": v["eval"]["onnxruntime_perplexity"], "torch_perplexity": v["eval"]["torch_perplexity"],
                "exact_perplexity": v["eval"]["onnxruntime_exact_perplexity"],
                "ppl_relative_difference": v["eval"]["relative_difference"], "greedy_identical": v["greedy_identical"],
@@ -105,6 +119,7 @@ def main() -> None:
                "export_verify_s": export_s, **speed(Path(info["path"]), windows, loaded.tokenizer, args.threads)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
         del model
         gc.collect()
     if not args.no_fp32:
@@ -113,25 +128,28 @@ def main() -> None:
         rows.append({"method": "fp32 export (head untied)", "file_bytes": os.path.getsize(float_path),
                      "perplexity": ppl.perplexity, **speed(float_path, windows, loaded.tokenizer, args.threads)})
         print(json.dumps(rows[-1]), flush=True)
+        save()
         del dec
-    for block in [int(b) for b in args.rtn_blocks.split(",") if b]:
+    variants = [(int(b), False) for b in args.rtn_blocks.split(",") if b]
+    if args.rtn_symmetric:
+        variants += [(b, True) for b, _ in list(variants)]
+    for block, symmetric in variants:
         t = time.perf_counter()
-        path = rtn_baseline(float_path, out, block)
+        path = rtn_baseline(float_path, out, block, symmetric)
         q_s = time.perf_counter() - t
         ppl = OrtDecoder(path, threads=args.threads).perplexity(windows, desc=f"eval rtn b{block}")
-        rows.append({"method": f"ORT RTN 4-bit b{block} asym, embedding GBQ", "file_bytes": os.path.getsize(path),
-                     "perplexity": ppl.perplexity, "quantize_s": q_s,
-                     **speed(path, windows, loaded.tokenizer, args.threads)})
+        rows.append({"method": f"ORT RTN 4-bit b{block} {'sym' if symmetric else 'asym'}, embedding GBQ",
+                     "path": str(path), "file_bytes": os.path.getsize(path), "perplexity": ppl.perplexity,
+                     "quantize_s": q_s, **speed(path, windows, loaded.tokenizer, args.threads)})
         print(json.dumps(rows[-1]), flush=True)
+        save()
     print("\n| method | file bytes | ORT perplexity | prefill tok/s | decode tok/s |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['file_bytes']:,} | {r['perplexity']:.2f} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} |")
     print(f"\nmenu {menu_s:.0f} s; calibration {'cached' if outcome.cached else f'{outcome.sens.seconds:.0f} s'}; "
           f"total {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "rows": rows, "total_s": time.perf_counter() - t0},
-                                              indent=1, default=str) + "\n")
+    save()
 
 
 if __name__ == "__main__":

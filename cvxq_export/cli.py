@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, budget=True)
     p.add_argument("--plan", default=None, help="reuse a plan.json instead of allocating")
     p.add_argument("--no-error-feedback", action="store_true",
-                   help="gguf: round each block on its own instead of GPTQ-style error feedback "
+                   help="gguf, packed: round each block / unit on its own instead of GPTQ-style error feedback "
                         "(faster; feedback needs the input second moments of 32 calibration windows)")
     p.add_argument("--no-analysis", action="store_true",
                    help="skip the compressibility / load-time analysis of the written files at the end (~15 s per 75 MB)")
@@ -312,6 +312,16 @@ def cmd_plan(args, *, full: bool = False) -> dict:
     return result
 
 
+def _feedback_hessians(args, loaded):
+    """Input second moments for GPTQ-style error feedback (gguf, packed), unless --no-error-feedback."""
+    if getattr(args, "no_error_feedback", False):
+        return None
+    from .pipeline import input_hessians
+
+    _log(args, "error feedback: collecting input second moments (turn off with --no-error-feedback)")
+    return input_hessians(loaded, args.calibration, _settings(args), progress=not args.quiet)
+
+
 def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, *, breakdown=None) -> dict:
     """The GGUF target: the budget is the whole .gguf file on disk."""
     from .formats.gguf_target import export_gguf
@@ -326,12 +336,7 @@ def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, *, breakdown=
         plan = Plan.load(args.plan)
         budget = plan.budget_bytes
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
-    hessians = None
-    if not getattr(args, "no_error_feedback", False):
-        from .pipeline import input_hessians
-
-        _log(args, "error feedback: collecting input second moments (turn off with --no-error-feedback)")
-        hessians = input_hessians(loaded, args.calibration, _settings(args), progress=not args.quiet)
+    hessians = _feedback_hessians(args, loaded)
     info = export_gguf(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan,
                        hessians=hessians)
     info["timings"] = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
@@ -389,7 +394,7 @@ def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bo
         return result
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
     reference = copy.deepcopy(loaded.model) if windows is not None else None
-    info = export_packed(loaded, sens, plan, out, progress=not args.quiet)
+    info = export_packed(loaded, sens, plan, out, progress=not args.quiet, hessians=_feedback_hessians(args, loaded))
     _log(args, f"packed: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(plan.budget_bytes)}), "
                f"read back bit-exact")
     evaluation: dict[str, Any] = {"bias_corrected": info["bias_corrected"], "packed": info}

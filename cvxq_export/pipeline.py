@@ -134,8 +134,14 @@ def plan_native(loaded: LoadedModel, sens: Sensitivities, budget: int, *, scope:
     return plan, menu
 
 
-def quantize_plan(loaded: LoadedModel, sens: Sensitivities, plan: Plan, *, progress: bool = True) -> dict[str, NativeTensor]:
+def quantize_plan(loaded: LoadedModel, sens: Sensitivities, plan: Plan, *, progress: bool = True,
+                  hessians: dict[str, np.ndarray] | None = None) -> dict[str, NativeTensor]:
+    """Quantize every tensor with its planned option per unit. With ``hessians``
+    (:func:`input_hessians`), tensors that have one are rounded with GPTQ-style
+    error feedback across columns (:mod:`cvxq_export.feedback`); same bytes."""
     from tqdm.auto import tqdm
+
+    from .feedback import quantize_tensor_feedback
 
     if plan.model_fingerprint != sens.model_fingerprint:
         raise CvxqError("the plan was made for a different model than the one loaded", "re-plan for this model")
@@ -144,7 +150,12 @@ def quantize_plan(loaded: LoadedModel, sens: Sensitivities, plan: Plan, *, progr
     for tp in tqdm(plan.tensors, desc="quantize", unit="tensor", disable=not progress):
         if tp.name not in refs:
             raise CvxqError(f"plan names tensor {tp.name}, which the model does not have", "re-plan for this model")
-        out[tp.name] = quantize_tensor(loaded, sens, refs[tp.name], tp.unit_map, tp.row_group, tp.col_group)
+        h = hessians.get(tp.name) if hessians else None
+        if h is not None and tp.col_group == 1:
+            out[tp.name] = quantize_tensor_feedback(loaded, sens, refs[tp.name], tp.unit_map, tp.row_group,
+                                                    tp.col_group, h)
+        else:
+            out[tp.name] = quantize_tensor(loaded, sens, refs[tp.name], tp.unit_map, tp.row_group, tp.col_group)
     return out
 
 

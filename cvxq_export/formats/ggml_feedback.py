@@ -26,27 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..feedback import inverse_hessian_factor
 from . import ggml_quant
-
-
-def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1``: ``[n, n]`` float64.
-
-    Columns that never see input (zero diagonal) get a unit diagonal so the
-    factorisation exists; their weights get no feedback from the others.
-    """
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    diag = np.diag(h).copy()
-    dead = diag <= 0
-    h[dead, :] = 0.0
-    h[:, dead] = 0.0
-    h[dead, dead] = 1.0
-    mean = float(np.mean(np.diag(h)))
-    h[np.diag_indices_from(h)] += damp * (mean if mean > 0 else 1.0)
-    lower = np.linalg.cholesky(h)                       # H = L L^T
-    inv_lower = np.linalg.inv(lower)                    # L^-1
-    h_inv = inv_lower.T @ inv_lower                     # H^-1 = L^-T L^-1
-    return np.linalg.cholesky(h_inv).T                  # H^-1 = U^T U, U upper
 
 
 # 4-bit types whose 32-weight block is [header bytes][16 bytes of nibbles], with

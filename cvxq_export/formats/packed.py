@@ -1025,7 +1025,7 @@ def plan_packed(loaded, sens, budget: int, *, scope: str = "all", geometry=None,
 
 
 def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True, bias_correction: bool = True,
-                  qtensors: dict | None = None, save_tokenizer: bool = True) -> dict:
+                  qtensors: dict | None = None, save_tokenizer: bool = True, hessians: dict | None = None) -> dict:
     """Quantize under ``plan`` and write ``OUT/model.cvxq.safetensors`` (plus
     config.json and the tokenizer), then read the file back with the NumPy
     reader and check every weight and bias bit for bit against the in-memory
@@ -1035,7 +1035,7 @@ def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True,
 
     out = Path(out)
     if qtensors is None:
-        qtensors = quantize_plan(loaded, sens, plan, progress=progress)
+        qtensors = quantize_plan(loaded, sens, plan, progress=progress, hessians=hessians)
     unquantized, biases = collect_unquantized(loaded, qtensors, sens, bias_correction=bias_correction)
     path = out / FILE_NAME
     info = write_packed(path, qtensors, unquantized, plan_json=json.loads(plan.to_json()),
@@ -1045,6 +1045,7 @@ def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True,
         loaded.tokenizer.save_pretrained(str(out))
     info.update(verify_packed(path, qtensors, biases, budget=plan.budget_bytes))
     info["bias_corrected"] = sorted(biases)
+    info["error_feedback"] = sorted(n for n in qtensors if hessians and n in hessians)
     return info
 
 

@@ -1,0 +1,53 @@
+"""Prefill and decode speed in ONNX Runtime: our ONNX files against ORT's own
+quantizer's files of about the same size (2 threads, CPU provider, ORT's default
+accuracy level 4 for MatMulNBits).
+
+    python benchmarks/bench_onnx_speed.py OURS.onnx:OTHER.onnx [...] [--json docs/bench_onnx_speed.json]
+
+Files of a pair are timed alternately (A B A B ...) so drift in machine load hits
+both alike. Each round opens a session, warms it up, times one prefill of 512
+tokens and 64 greedy decode steps with the KV cache; figures are medians over
+``--rounds``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from speed_pairs import print_pairs, time_pairs  # benchmarks/speed_pairs.py
+
+from cvxq_export.formats.onnx_target import OrtDecoder
+
+
+def one_round(path: str, threads: int, prefill: int, decode: int) -> dict:
+    dec = OrtDecoder(path, threads=threads)
+    ids = np.arange(1000, 1000 + prefill, dtype=np.int64)[None]  # ordinary token ids; speed does not depend on text
+    dec.forward(ids[:, :16])  # warm-up
+    t = time.perf_counter()
+    dec.forward(ids)
+    prefill_s = time.perf_counter() - t
+    _, decode_tps = dec.greedy(ids[0, :64].tolist(), decode)
+    return {"prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode_tps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pairs", nargs="+", help="OURS.onnx:OTHER.onnx")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = time_pairs(args.pairs, args.rounds, lambda p: one_round(p, args.threads, args.prefill, args.decode))
+    print_pairs(rows, "ORT quantizer")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared by the speed benchmarks: time files in pairs, alternately (A B A B ...),
+so drift in machine load hits both alike, and print the comparison table."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Callable
+
+
+def time_pairs(pairs: list[str], rounds: int, measure: Callable[[str], dict]) -> list[dict]:
+    """``pairs`` are "OURS:OTHER"; ``measure(path)`` returns prefill_tok_s and decode_tok_s
+    for one round. Each figure is the median over ``rounds``."""
+    rows = []
+    for pair in pairs:
+        a, b = pair.split(":")
+        runs: dict[str, list[dict]] = {a: [], b: []}
+        for _ in range(rounds):
+            for path in (a, b):
+                runs[path].append(measure(path))
+        row = {}
+        for path, label in ((a, "ours"), (b, "other")):
+            row[label] = {"path": path, "file_bytes": os.path.getsize(path),
+                          "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs[path]),
+                          "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs[path])}
+        row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["other"]["decode_tok_s"]
+        row["prefill_ratio"] = row["ours"]["prefill_tok_s"] / row["other"]["prefill_tok_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_pairs(rows: list[dict], other_label: str) -> None:
+    print(f"\n| ours | bytes | decode tok/s | prefill tok/s | {other_label} | bytes | decode tok/s | prefill tok/s "
+          "| decode ratio |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        o, t = r["ours"], r["other"]
+        print(f"| {Path(o['path']).parent.name}/{Path(o['path']).name} | {o['file_bytes']:,} | {o['decode_tok_s']:.1f} | "
+              f"{o['prefill_tok_s']:.0f} | {Path(t['path']).name} | {t['file_bytes']:,} | {t['decode_tok_s']:.1f} | "
+              f"{t['prefill_tok_s']:.0f} | {r['decode_ratio']:.2f} |")
