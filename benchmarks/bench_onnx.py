@@ -28,7 +28,7 @@ from cvxq_export.calibrate import CalibrationSettings
 from cvxq_export.formats.onnx_qdq import build_menu
 from cvxq_export.formats.onnx_target import OrtDecoder, export_onnx, write_float_onnx
 from cvxq_export.model import load_model
-from cvxq_export.pipeline import calibrate_cached
+from cvxq_export.pipeline import calibrate_cached, input_hessians
 from cvxq_export.textdata import evaluation_windows
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", action="store_true", help="keep rows of other methods already in --json")
     ap.add_argument("--rtn-symmetric", action="store_true", help="also ORT's RTN with symmetric blocks")
+    ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +84,8 @@ def main() -> None:
     outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), settings)
     windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
     budgets = [float(b) for b in args.budgets.split(",") if b]
+    # what `fit --format onnx` does by default: input second moments for error feedback
+    hessians = None if args.no_error_feedback or not budgets else input_hessians(loaded, str(DATA / "valid.txt"), settings)
     t = time.perf_counter()
     qmenu = build_menu(loaded, outcome.sens, loaded.weights) if budgets else None
     menu_s = time.perf_counter() - t
@@ -105,7 +108,8 @@ def main() -> None:
         budget = int(mb * 1e6)
         model = loaded if not rows else load_model(None)  # export_onnx leaves the model holding its weights
         t = time.perf_counter()
-        info = export_onnx(model, outcome.sens, budget, out / f"cvxq_{mb}", eval_windows=windows, qmenu=qmenu)
+        info = export_onnx(model, outcome.sens, budget, out / f"cvxq_{mb}", eval_windows=windows, qmenu=qmenu,
+                           hessians=hessians)
         export_s = time.perf_counter() - t
         v = info["verify"]
         row = {"method": f"CVXQ {mb} MB", "path": info["path"], "budget_bytes": budget, "file_bytes": info["file_bytes"],
@@ -116,7 +120,7 @@ def main() -> None:
                "fusion": v["fusion"], "options_by_weights": info["options_by_weights"],
                "embedding": info["embedding_option"], "splits": info["splits"],
                "source_grid_note": info["source_grid_note"], "lossless_weights": info["lossless_weights"],
-               "export_verify_s": export_s, **speed(Path(info["path"]), windows, loaded.tokenizer, args.threads)}
+               "export_verify_s": export_s, "error_feedback": hessians is not None, **speed(Path(info["path"]), windows, loaded.tokenizer, args.threads)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()

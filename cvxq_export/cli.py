@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, budget=True)
     p.add_argument("--plan", default=None, help="reuse a plan.json instead of allocating")
     p.add_argument("--no-error-feedback", action="store_true",
-                   help="gguf, packed: round each block / unit on its own instead of GPTQ-style error feedback "
+                   help="gguf, onnx, packed: round each block / unit on its own instead of GPTQ-style error feedback "
                         "(faster; feedback needs the input second moments of 32 calibration windows)")
     p.add_argument("--no-analysis", action="store_true",
                    help="skip the compressibility / load-time analysis of the written files at the end (~15 s per 75 MB)")
@@ -313,7 +313,7 @@ def cmd_plan(args, *, full: bool = False) -> dict:
 
 
 def _feedback_hessians(args, loaded):
-    """Input second moments for GPTQ-style error feedback (gguf, packed), unless --no-error-feedback."""
+    """Input second moments for GPTQ-style error feedback (every format), unless --no-error-feedback."""
     if getattr(args, "no_error_feedback", False):
         return None
     from .pipeline import input_hessians
@@ -325,7 +325,6 @@ def _feedback_hessians(args, loaded):
 def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, *, breakdown=None) -> dict:
     """The GGUF target: the budget is the whole .gguf file on disk."""
     from .formats.gguf_target import export_gguf
-    from .io import write_json
     from .sizes import format_size
     from .textdata import evaluation_windows
 
@@ -456,7 +455,8 @@ def _fit_onnx(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool
     if not full:
         return result
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
-    info = export_onnx(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan)
+    info = export_onnx(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan,
+                       hessians=_feedback_hessians(args, loaded))
     timings = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
                "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, **info["timings"]}
     info["timings"] = timings
@@ -624,8 +624,6 @@ def _eval_onnx(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    import copy
-
     from .evaluate import evaluate
     from .plan import Plan
     from .textdata import evaluation_windows

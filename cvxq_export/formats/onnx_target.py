@@ -302,9 +302,15 @@ def _blocks_to_kn(x, n: int, k: int, block: int) -> np.ndarray:
     return x.reshape(n, k // block).t().contiguous().numpy()
 
 
-def quantize_for_onnx(loaded: LoadedModel, sens, plan: Plan, *, progress: bool = True) -> OnnxWeights:
+def quantize_for_onnx(loaded: LoadedModel, sens, plan: Plan, *, progress: bool = True,
+                      hessians: dict[str, np.ndarray] | None = None) -> OnnxWeights:
+    """The plan's options per column group, as the graph's splits. With ``hessians``
+    (:func:`cvxq_export.pipeline.input_hessians`) every tensor that has one is rounded
+    with GPTQ-style error feedback (:mod:`onnx_feedback`); same bytes."""
     import torch
     from tqdm.auto import tqdm
+
+    from .onnx_feedback import Segment, quantize_with_feedback
 
     from ..native import importance_matrix
     from .onnx_graph import QdqEmbedding, QdqLinear, QdqSplit
@@ -327,7 +333,11 @@ def quantize_for_onnx(loaded: LoadedModel, sens, plan: Plan, *, progress: bool =
             g = tp.col_group
             if ref.kind == "embedding":
                 o = OPTIONS[int(tp.unit_map[0])]
-                q, deq = _quantize_columns(w, imp, o)
+                h = hessians.get(ref.name) if hessians else None
+                if h is not None:  # the tied head's input: feedback lowers the head's output error
+                    deq, (q,) = quantize_with_feedback(w, imp, h, [Segment(o, np.arange(k))])
+                else:
+                    q, deq = _quantize_columns(w, imp, o)
                 _count(lossless, o.name, int((deq == w).sum()))
                 codes = q.codes.reshape(n, k).numpy()
                 scale = q.scale.reshape(n, k // o.block).numpy()
@@ -345,13 +355,28 @@ def quantize_for_onnx(loaded: LoadedModel, sens, plan: Plan, *, progress: bool =
             deq_full = torch.zeros_like(w)
             splits = []
             used = sorted({o for o in options if o.kind != "zero"}, key=lambda o: OPTION_INDEX[o])
+
+            def columns(opt):
+                units = [u for u, uo in enumerate(options) if uo == opt]
+                return np.concatenate([np.arange(u * g, (u + 1) * g) for u in units]) if units else np.zeros(0, np.int64)
+
+            h = hessians.get(ref.name) if hessians else None
+            fed = {}
+            if h is not None:  # dropped groups first: the columns that stay pick up what they leave out
+                segments = [Segment(ZERO, columns(ZERO))] if ZERO in options else []
+                segments += [Segment(o, columns(o)) for o in used]
+                deq_full, blocks = quantize_with_feedback(w, imp, h, segments)
+                fed = {s.option: b for s, b in zip(segments, blocks) if b is not None}
             for o in used:
-                units = [u for u, uo in enumerate(options) if uo == o]
-                cols = np.concatenate([np.arange(u * g, (u + 1) * g) for u in units])
+                cols = columns(o)
                 idx = torch.from_numpy(cols)
-                wd, impd = w[:, idx], imp[:, idx]
-                q, deq = _quantize_columns(wd, impd, o)
-                deq_full[:, idx] = deq
+                wd = w[:, idx]
+                if o in fed:
+                    q = fed[o]
+                    deq = q.dequant.reshape(wd.shape)
+                else:
+                    q, deq = _quantize_columns(wd, imp[:, idx], o)
+                    deq_full[:, idx] = deq
                 _count(lossless, o.name, int((deq == wd).sum()))
                 kd = len(cols)
                 splits.append(QdqSplit(
@@ -788,7 +813,8 @@ def verify_onnx(loaded: LoadedModel, artifact: OnnxArtifact, *, eval_windows: np
 
 def export_onnx(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_windows: np.ndarray | None = None,
                 progress: bool = True, plan: Plan | None = None, col_group: int = DEFAULT_COL_GROUP,
-                max_options: int = MAX_OPTIONS, qmenu: QdqMenu | None = None, verify: bool = True) -> dict:
+                max_options: int = MAX_OPTIONS, qmenu: QdqMenu | None = None, verify: bool = True,
+                hessians: dict[str, np.ndarray] | None = None) -> dict:
     """Plan (unless given), quantize, write model.onnx + tokenizer + generate.py, verify in
     ONNX Runtime. The PyTorch model is left holding the exported weights."""
     check_supported(loaded)
@@ -800,7 +826,7 @@ def export_onnx(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
                                 qmenu=qmenu)
     plan.save(out_dir / "plan.json")
     t_plan = time.perf_counter()
-    weights = quantize_for_onnx(loaded, sens, plan, progress=progress)
+    weights = quantize_for_onnx(loaded, sens, plan, progress=progress, hessians=hessians)
     artifact = write_onnx(loaded, weights, out_dir / MODEL_FILE, plan.budget_bytes)
     extras = write_extras(loaded, out_dir, plan)
     t_write = time.perf_counter()
@@ -817,6 +843,7 @@ def export_onnx(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
         "embedding_option": emb.option.name, "options_by_weights": option_counts(plan),
         "splits": splits, "lossless_weights": weights.lossless, "extras": extras, "plan": plan.summary(),
         "bias_correction": "not applied: dropped (zero-bit) column groups contribute nothing",
+        "error_feedback": "gptq-blockwise" if hessians else "none",
         "source_grid_note": _source_grid_note(loaded, weights),
         "timings": {"plan_s": t_plan - t0, "quantize_write_s": t_write - t_plan},
     }
