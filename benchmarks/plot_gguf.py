@@ -41,10 +41,11 @@ for r in presets:
     style = ("s", "tab:red") if r["imatrix"] else ("^", "tab:orange")
     ax.plot(r["file_bytes"] / 1e6, r["perplexity"], style[0], color=style[1])
     ax.annotate(r["label"], (r["file_bytes"] / 1e6, r["perplexity"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-for name, (mb, ppl) in ISSUE_MIXES.items():
-    ax.plot(mb, ppl, "D", color="tab:purple")
-    ax.annotate(name, (mb, ppl), fontsize=6, xytext=(3, -8), textcoords="offset points")
-ax.plot([], [], "D", color="tab:purple", label="llama.cpp mix + imatrix (issue 3 figure)")
+if not any(r.get("token_embd") for r in presets):  # mixes not measured here: show the issue's figures, marked as such
+    for name, (mb, ppl) in ISSUE_MIXES.items():
+        ax.plot(mb, ppl, "D", color="tab:purple")
+        ax.annotate(name, (mb, ppl), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.plot([], [], "D", color="tab:purple", label="llama.cpp mix + imatrix (issue 3 figure)")
 ax.plot([], [], "^", color="tab:orange", label="llama.cpp preset")
 ax.plot([], [], "s", color="tab:red", label="llama.cpp preset + importance matrix")
 if f16:
