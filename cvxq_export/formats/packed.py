@@ -1045,7 +1045,8 @@ def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True,
         loaded.tokenizer.save_pretrained(str(out))
     info.update(verify_packed(path, qtensors, biases, budget=plan.budget_bytes))
     info["bias_corrected"] = sorted(biases)
-    info["error_feedback"] = sorted(n for n in qtensors if hessians and n in hessians)
+    # the tensors quantize_plan fed back: those with a Hessian and single-column units
+    info["error_feedback"] = sorted(n for n, qt in qtensors.items() if hessians and n in hessians and qt.col_group == 1)
     return info
 
 
