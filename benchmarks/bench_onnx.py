@@ -49,7 +49,7 @@ def speed(path: Path, windows: np.ndarray, tokenizer, threads: int = 2, n_decode
     return {"prefill_tok_s": windows.shape[1] / statistics.median(times), "decode_tok_s": decode}
 
 
-def rtn_baseline(float_path: Path, out: Path, block: int, symmetric: bool = False) -> Path:
+def rtn_baseline(float_path: Path, out: Path, block: int, symmetric: bool = False, suffix: str = "") -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     import onnx
@@ -58,7 +58,7 @@ def rtn_baseline(float_path: Path, out: Path, block: int, symmetric: bool = Fals
                              accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
                              quant_axes=(("MatMul", 0), ("Gather", 1)))
     q.process()
-    path = out / f"rtn_b{block}{'_sym' if symmetric else ''}.onnx"
+    path = out / f"rtn_b{block}{'_sym' if symmetric else ''}{suffix}.onnx"
     q.model.save_model_to_file(str(path), use_external_data_format=False)
     return path
 
@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", action="store_true", help="keep rows of other methods already in --json")
     ap.add_argument("--rtn-symmetric", action="store_true", help="also ORT's RTN with symmetric blocks")
+    ap.add_argument("--rtn-exports", default="plain",
+                    help="fp32 exports ORT's RTN starts from: plain (one MatMul per matrix, as torch.onnx.export "
+                         "writes), fused (q/k/v and gate/up as one MatMul each, as our graphs fuse them), or both")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -137,12 +140,17 @@ def main() -> None:
     variants = [(int(b), False) for b in args.rtn_blocks.split(",") if b]
     if args.rtn_symmetric:
         variants += [(b, True) for b, _ in list(variants)]
-    for block, symmetric in variants:
+    exports = [(float_path, "", "")] if "plain" in args.rtn_exports else []
+    if "fused" in args.rtn_exports:
+        fused_path = out / "fp32_fused.onnx"
+        write_float_onnx(load_model(None), fused_path, fuse=True)
+        exports.append((fused_path, "_fused", ", fused q/k/v + gate/up export"))
+    for (source, suffix, label), (block, symmetric) in [(e, v) for e in exports for v in variants]:
         t = time.perf_counter()
-        path = rtn_baseline(float_path, out, block, symmetric)
+        path = rtn_baseline(source, out, block, symmetric, suffix)
         q_s = time.perf_counter() - t
-        ppl = OrtDecoder(path, threads=args.threads).perplexity(windows, desc=f"eval rtn b{block}")
-        rows.append({"method": f"ORT RTN 4-bit b{block} {'sym' if symmetric else 'asym'}, embedding GBQ",
+        ppl = OrtDecoder(path, threads=args.threads).perplexity(windows, desc=f"eval rtn b{block}{suffix}")
+        rows.append({"method": f"ORT RTN 4-bit b{block} {'sym' if symmetric else 'asym'}, embedding GBQ{label}",
                      "path": str(path), "file_bytes": os.path.getsize(path), "perplexity": ppl.perplexity,
                      "quantize_s": q_s, **speed(path, windows, loaded.tokenizer, args.threads)})
         print(json.dumps(rows[-1]), flush=True)

@@ -129,6 +129,37 @@ def test_mixed_bit_matrices_fuse_and_match(tiny, tmp_path, embedding_option):
     assert set(v["fusion"]["bits"]) == {"2", "4", "8"}
 
 
+def test_projections_sharing_an_input_fuse_into_one_matmul(tiny, tmp_path):
+    """q/k/v and gate/up with the same options per column group become one MatMulNBits
+    per split (outputs concatenated, then Split), offsets and dropped groups included;
+    the fp32 baseline export fuses only when asked. Still matches PyTorch."""
+    import onnx
+
+    loaded = _load(tiny)
+    plan = _mixed_plan(loaded, tiny[1], "uint4-b32-asym")
+    by_name = {o.name: OPTION_INDEX[o] for o in OPTIONS}
+    cycle = ["uint4-b32-offset", "zero", "int8-b32-sym", "uint4-b16-offset"]
+    for t in plan.tensors:  # the option depends on the column group only: q, k, v (and gate, up) agree
+        if not t.name.endswith("embed_tokens.weight"):
+            t.unit_map = np.array([by_name[cycle[u % len(cycle)]] for u in range(len(t.unit_map))], np.uint8)
+    weights = ot.quantize_for_onnx(loaded, tiny[1], plan, progress=False)
+    art = ot.write_onnx(loaded, weights, tmp_path / "model.onnx")
+    names = {t.name for t in onnx.load(str(art.path)).graph.initializer}
+    layers = loaded.config.num_hidden_layers
+    for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        assert sum(n.startswith("model.layers.") and f"{fused}." in n and n.endswith(".qweight") for n in names) >= layers
+    assert not any(".self_attn.k_proj." in n for n in names)
+    ot.set_reference_weights(loaded, weights)
+    v = ot.verify_onnx(loaded, art, eval_windows=tiny[2], progress=False)
+    _check_verified({"verify": v, "path": str(art.path), "file_bytes": art.size})
+    assert v["fusion"]["matmulnbits"] == art.n_quantized_matmuls
+    counts = {}
+    for fuse in (False, True):
+        path = ot.write_float_onnx(_load(tiny), tmp_path / f"fp32_{fuse}.onnx", fuse=fuse)
+        counts[fuse] = sum(n.op_type == "MatMul" for n in onnx.load(str(path)).graph.node)
+    assert counts[False] - counts[True] == 3 * layers  # q, k, v -> 1 and gate, up -> 1 per layer
+
+
 def test_reference_weights_equal_the_files_codes(tiny, tmp_path):
     """The weights the checks compare against are exactly what the file's codes decode to."""
     import onnx

@@ -22,7 +22,7 @@ Interface (onnxruntime-genai's names):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -134,7 +134,8 @@ class GraphBuilder:
 
         name = self.unique(name)
         # ml_dtypes int2/int4/uint2/uint4 arrays are written packed (two or four per byte)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.require, not np.ascontiguousarray: that one turns a scalar into shape [1]
+        self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -169,14 +170,16 @@ def _rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str
 
 
 def _qdq_matmul(g: GraphBuilder, x: str, split: QdqSplit, name: str, *, weight: str | None = None,
-                scale: str | None = None, zero: str | None = None, offset: str | None = None) -> str:
-    """x [.., K_d] @ DQ(B_d) [K_d, N] (+ blocksum(x) @ O for offset splits).
+                scale: str | None = None, zero: str | None = None) -> str:
+    """x [.., K_d] @ DQ(B_d) [K_d, N]: the pair ORT fuses into MatMulNBits. An offset
+    split's ``+ o`` per block is not in here: :func:`_offset_correction` adds it for
+    every offset split of the matrix at once.
 
-    ``weight``/``scale``/``zero``/``offset`` override the initializers (the tied head
-    passes transposes of the embedding's). Scales are stored fp16 and Cast to fp32:
-    ORT folds the Cast into an fp32 initializer before the QDQ fusion (measured), so the
-    file keeps 2-byte scales and the MatMul stays fp32 (DequantizeLinear's output takes
-    its scale's type, and MatMulNBits' fusion rejects output_dtype in ORT 1.31).
+    ``weight``/``scale``/``zero`` override the initializers (the tied head passes
+    transposes of the embedding's). Scales are stored fp16 and Cast to fp32: ORT folds
+    the Cast into an fp32 initializer before the QDQ fusion (measured), so the file
+    keeps 2-byte scales and the MatMul stays fp32 (DequantizeLinear's output takes its
+    scale's type, and MatMulNBits' fusion rejects output_dtype in ORT 1.31).
     """
     o = split.option
     if o.bits == 2:
@@ -191,27 +194,54 @@ def _qdq_matmul(g: GraphBuilder, x: str, split: QdqSplit, name: str, *, weight: 
     if zero is not None:
         dq_inputs.append(zero)
     w = g.op("DequantizeLinear", dq_inputs, f"{name}/DequantizeLinear", axis=0, block_size=o.block)
-    y = g.op("MatMul", [x, w], f"{name}/MatMul")
-    if o.kind != "offset":
-        return y
-    if offset is None:
-        offset = g.op("Cast", [g.init(f"{name}.offsets", split.offset.astype(np.float16))], f"{name}/CastOffsets", to=1)
-    k_d = len(split.columns)
-    blocks = g.op("Reshape", [x, g.const([0, 0, k_d // o.block, o.block])], f"{name}/BlockView")  # [B, T, K_d/b, b]
-    sums = g.op("ReduceSum", [blocks, g.const([-1])], f"{name}/BlockSum", keepdims=0)  # [B, T, K_d/b]
-    corr = g.op("MatMul", [sums, offset], f"{name}/OffsetMatMul")  # [B, T, N]
-    return g.op("Add", [y, corr], f"{name}/AddOffset")
+    return g.op("MatMul", [x, w], f"{name}/MatMul")
 
 
-def _linear(g: GraphBuilder, x: str, lin: QdqLinear | FloatLinear, name: str) -> str:
-    """One matrix: a fused MatMul per bit depth along K, partial products summed."""
+def _offset_correction(g: GraphBuilder, inputs: list[str], splits: list[QdqSplit], name: str,
+                       offsets: list[str] | None = None) -> str | None:
+    """sum over the offset splits d of blocksum(x_d) @ O_d as one product for the whole
+    matrix: each split's block sums ([.., K_d / b] by Reshape + ReduceSum of the input it
+    reads), concatenated, times the splits' offsets stacked ([sum K_d / b, N] fp16, Cast
+    and Concat'ed once at load by ORT's constant folding). Why one product: a decode step
+    costs ORT a few microseconds per node whatever its size, and a step is ~1,500 nodes;
+    per split it would be four nodes, here it is two or three per split plus one
+    MatMul, and the addition rides on the Sum that combines the partial products.
+    (A [K, n_blocks] 0/1 indicator MatMul does it in one node but reads K x n_blocks
+    fp32 per matrix per token: measured no faster, 13 MB more traffic per token.)"""
+    parts = [(x, s) for x, s in zip(inputs, splits) if s.option.kind == "offset"]
+    if not parts:
+        return None
+    sums = []
+    for x, s in parts:
+        k_d, b = len(s.columns), s.option.block
+        blocks = g.op("Reshape", [x, g.const([0, 0, -(-k_d // b), b])], f"{name}.{s.option.name}/BlockView")
+        sums.append(g.op("ReduceSum", [blocks, g.const([-1])], f"{name}.{s.option.name}/BlockSums", keepdims=0))
+    if offsets is None:
+        offsets = [g.init(f"{name}.{s.option.name}.offsets" if len(splits) > 1 else f"{name}.offsets",
+                          s.offset.astype(np.float16)) for _, s in parts]
+    stacked = offsets[0] if len(offsets) == 1 else g.op("Concat", offsets, f"{name}/StackOffsets", axis=0)
+    o32 = g.op("Cast", [stacked], f"{name}/CastOffsets", to=1)  # [sum K_d / b, N]
+    s_all = sums[0] if len(sums) == 1 else g.op("Concat", sums, f"{name}/StackBlockSums", axis=-1)  # [B, T, sum K_d/b]
+    return g.op("MatMul", [s_all, o32], f"{name}/OffsetMatMul")  # [B, T, N]
+
+
+def _combine(g: GraphBuilder, terms: list[str], name: str) -> str:
+    """One node adding every term (partial products, offset correction, bias, residual)."""
+    if len(terms) == 1:
+        return terms[0]
+    return g.op("Add" if len(terms) == 2 else "Sum", terms, name)
+
+
+def _linear_terms(g: GraphBuilder, x: str, lin: QdqLinear | FloatLinear, name: str) -> list[str]:
+    """The terms whose sum is x @ W^T (+ bias): a fused MatMul per bit depth along K,
+    the offset correction, the bias."""
     if isinstance(lin, FloatLinear):
-        y = g.op("MatMul", [x, g.init(f"{name}.weight", lin.weight.astype(np.float32))], f"{name}/MatMul")
+        terms = [g.op("MatMul", [x, g.init(f"{name}.weight", lin.weight.astype(np.float32))], f"{name}/MatMul")]
         if lin.bias is not None:
-            y = g.op("Add", [y, g.init(f"{name}.bias", lin.bias.astype(np.float32))], f"{name}/AddBias")
-        return y
-    parts = []
-    for i, split in enumerate(lin.splits):
+            terms.append(g.init(f"{name}.bias", lin.bias.astype(np.float32)))
+        return terms
+    terms, inputs = [], []
+    for split in lin.splits:
         sname = f"{name}.{split.option.name}" if len(lin.splits) > 1 else name
         if lin.full_input:
             xd = x
@@ -221,20 +251,73 @@ def _linear(g: GraphBuilder, x: str, lin: QdqLinear | FloatLinear, name: str) ->
         else:  # permute the activation: this depth's columns
             xd = g.op("Gather", [x, g.init(f"{sname}.columns", split.columns.astype(np.int32))], f"{sname}/GatherInput",
                       axis=-1)
-        parts.append(_qdq_matmul(g, xd, split, sname))
-    if not parts:  # every column group dropped: the product is zeros [B, T, N]
+        terms.append(_qdq_matmul(g, xd, split, sname))
+        inputs.append(xd)
+    corr = _offset_correction(g, inputs, lin.splits, name)
+    if corr is not None:
+        terms.append(corr)
+    if not terms:  # every column group dropped: the product is zeros [B, T, N]
         lead = g.op("Slice", [g.op("Shape", [x], f"{name}/Shape"), g.const([0]), g.const([-1])], f"{name}/Lead")
         shape = g.op("Concat", [lead, g.const([lin.ref.rows])], f"{name}/ZeroShape", axis=0)
         from onnx import helper
 
-        y = g.op("ConstantOfShape", [shape], f"{name}/Zero", value=helper.make_tensor("zero", 1, [1], [0.0]))
-    elif len(parts) == 1:
-        y = parts[0]
-    else:
-        y = g.op("Sum", parts, f"{name}/SumSplits")
+        terms.append(g.op("ConstantOfShape", [shape], f"{name}/Zero", value=helper.make_tensor("zero", 1, [1], [0.0])))
     if lin.bias is not None:
-        y = g.op("Add", [y, g.init(f"{name}.bias", lin.bias.astype(np.float32))], f"{name}/AddBias")
-    return y
+        terms.append(g.init(f"{name}.bias", lin.bias.astype(np.float32)))
+    return terms
+
+
+def _linear(g: GraphBuilder, x: str, lin: QdqLinear | FloatLinear, name: str, residual: str | None = None) -> str:
+    """One matrix (plus ``residual``, added in the same node)."""
+    terms = _linear_terms(g, x, lin, name)
+    return _combine(g, ([residual] if residual is not None else []) + terms,
+                    f"{name}/Residual" if residual is not None else f"{name}/SumSplits")
+
+
+def _same_structure(lins: list) -> bool:
+    """Whether matrices reading one input can be one MatMul per split (concatenated along N)."""
+    first = lins[0]
+    if isinstance(first, FloatLinear):
+        return all(isinstance(lin, FloatLinear) for lin in lins)
+    if not all(isinstance(lin, QdqLinear) and lin.splits for lin in lins):
+        return False
+    for lin in lins[1:]:
+        if lin.full_input != first.full_input or len(lin.splits) != len(first.splits):
+            return False
+        for a, b in zip(lin.splits, first.splits):
+            if (a.option != b.option or a.input_slice != b.input_slice or not np.array_equal(a.columns, b.columns)
+                    or (a.zero is None) != (b.zero is None) or (a.offset is None) != (b.offset is None)):
+                return False
+    return True
+
+
+def _concat_linears(lins: list, ref: WeightRef) -> QdqLinear | FloatLinear:
+    """The matrices stacked along N (outputs), each split's arrays concatenated."""
+    n = [lin.ref.rows for lin in lins]
+    if any(lin.bias is not None for lin in lins):
+        bias = np.concatenate([lin.bias if lin.bias is not None else np.zeros(r, np.float32) for lin, r in zip(lins, n)])
+    else:
+        bias = None
+    if isinstance(lins[0], FloatLinear):
+        return FloatLinear(ref, np.concatenate([lin.weight for lin in lins], axis=1), bias)
+    cat = lambda arrays: None if arrays[0] is None else np.concatenate(arrays, axis=1)  # noqa: E731
+    splits = [QdqSplit(parts[0].option, parts[0].columns, cat([p.codes for p in parts]), cat([p.scale for p in parts]),
+                       cat([p.zero for p in parts]), cat([p.offset for p in parts]), parts[0].input_slice)
+              for parts in zip(*(lin.splits for lin in lins))]
+    return QdqLinear(ref, splits, np.zeros(0), bias, full_input=lins[0].full_input)
+
+
+def _projections(g: GraphBuilder, x: str, lins: list, names: list[str], fused_name: str, fuse: bool) -> list[str]:
+    """Several matrices reading the same input (q, k, v; gate, up): one MatMul per split
+    for all of them and a Split of the result when their structures agree (fewer nodes
+    per decode step: ORT's cost per node, not per FLOP, dominates decoding a small
+    model), else one matrix at a time."""
+    if not (fuse and len(lins) > 1 and _same_structure(lins)):
+        return [_linear(g, x, lin, name) for lin, name in zip(lins, names)]
+    rows = [lin.ref.rows for lin in lins]
+    ref = replace(lins[0].ref, name=f"{fused_name}.weight", rows=sum(rows), has_bias=any(l.ref.has_bias for l in lins))
+    y = _linear(g, x, _concat_linears(lins, ref), fused_name)
+    return g.op("Split", [y, g.const(rows)], f"{fused_name}/Split", n_out=len(lins), axis=-1)
 
 
 def _embedding(g: GraphBuilder, emb: QdqEmbedding, ids: str) -> tuple[str, dict[str, str]]:
@@ -283,14 +366,14 @@ def _tied_head(g: GraphBuilder, x: str, emb: QdqEmbedding, names: dict[str, str]
     zt = None
     if "zero_points" in names:
         zt = g.op("Transpose", [names["zero_points"]], "lm_head/TransposeZeroPoints", perm=[1, 0])
-    ot = None
-    if o.kind == "offset":
-        o32 = g.op("Cast", [names["offsets"]], "lm_head/CastOffsets", to=1)
-        ot = g.op("Transpose", [o32], "lm_head/TransposeOffsets", perm=[1, 0])  # [K/b, V]
     # 8-bit codes are uint8 in the shared initializer (GBQ's type): the head reads them as such
     head_option = QdqOption(o.bits, o.block, o.kind if o.bits != 8 else ("asym" if zt is not None else o.kind))
     split = QdqSplit(head_option, np.arange(emb.codes.shape[1]), emb.codes, emb.scale, emb.zero, emb.offset)
-    return _qdq_matmul(g, x, split, "lm_head", weight=wt, scale=st, zero=zt, offset=ot)
+    terms = [_qdq_matmul(g, x, split, "lm_head", weight=wt, scale=st, zero=zt)]
+    if o.kind == "offset":
+        ot = g.op("Transpose", [names["offsets"]], "lm_head/TransposeOffsets", perm=[1, 0])  # [K/b, V] fp16
+        terms.append(_offset_correction(g, [x], [split], "lm_head", offsets=[ot]))
+    return _combine(g, terms, "lm_head/AddOffset")
 
 
 def _rope(g: GraphBuilder, spec: DecoderSpec, position_ids: str) -> tuple[str, str]:
@@ -335,9 +418,12 @@ def _attention_mask(g: GraphBuilder, input_ids: str, attention_mask: str) -> str
 
 
 def build_decoder(spec: DecoderSpec, embedding: QdqEmbedding, linears: dict[str, QdqLinear],
-                  layer_names: list[dict[str, str]], head: QdqLinear | None, *, producer: str = "cvxq-export"):
+                  layer_names: list[dict[str, str]], head: QdqLinear | None, *, producer: str = "cvxq-export",
+                  fuse: bool = True):
     """The ModelProto. ``layer_names[i]`` maps q,k,v,o,gate,up,down to HF weight names,
-    ``head`` is None when the head is tied to ``embedding``."""
+    ``head`` is None when the head is tied to ``embedding``. ``fuse``: q/k/v and gate/up
+    of the same structure become one MatMul each (the size bound builds with it off:
+    unfused is never smaller)."""
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
@@ -365,9 +451,9 @@ def build_decoder(spec: DecoderSpec, embedding: QdqEmbedding, linears: dict[str,
     for i, names in enumerate(layer_names):
         p = f"model.layers.{i}"
         h = _rms_norm(g, x, spec.norms[f"{p}.input_layernorm.weight"], spec.rms_eps, f"{p}.input_layernorm")
-        q = _linear(g, h, linears[names["q"]], f"{p}.self_attn.q_proj")  # [B, T, H*D]
-        k = _linear(g, h, linears[names["k"]], f"{p}.self_attn.k_proj")  # [B, T, KV*D]
-        v = _linear(g, h, linears[names["v"]], f"{p}.self_attn.v_proj")
+        q, k, v = _projections(g, h, [linears[names[key]] for key in "qkv"],
+                               [f"{p}.self_attn.{key}_proj" for key in "qkv"], f"{p}.self_attn.qkv_proj", fuse)
+        # q [B, T, H*D], k and v [B, T, KV*D]
         perm = [0, 2, 1, 3]
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, H, D])], f"{p}/q4")], f"{p}/qT", perm=perm)  # [B,H,T,D]
         k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, KV, D])], f"{p}/k4")], f"{p}/kT", perm=perm)  # [B,KV,T,D]
@@ -389,13 +475,13 @@ def build_decoder(spec: DecoderSpec, embedding: QdqEmbedding, linears: dict[str,
         ctx = g.op("MatMul", [probs, v5], f"{p}/Context")  # [B, KV, group, T, D]
         ctx = g.op("Reshape", [ctx, g.const([0, H, -1, D])], f"{p}/ctx4")  # [B, H, T, D]
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], f"{p}/ctxT", perm=perm), g.const([0, 0, H * D])], f"{p}/ctx")
-        x = g.op("Add", [x, _linear(g, ctx, linears[names["o"]], f"{p}.self_attn.o_proj")], f"{p}/ResidualAttn")
+        x = _linear(g, ctx, linears[names["o"]], f"{p}.self_attn.o_proj", residual=x)
         h = _rms_norm(g, x, spec.norms[f"{p}.post_attention_layernorm.weight"], spec.rms_eps,
                       f"{p}.post_attention_layernorm")
-        gate = _linear(g, h, linears[names["gate"]], f"{p}.mlp.gate_proj")
-        up = _linear(g, h, linears[names["up"]], f"{p}.mlp.up_proj")
+        gate, up = _projections(g, h, [linears[names["gate"]], linears[names["up"]]],
+                                [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj", fuse)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}/Sigmoid")], f"{p}/SiLU"), up], f"{p}/GLU")
-        x = g.op("Add", [x, _linear(g, act, linears[names["down"]], f"{p}.mlp.down_proj")], f"{p}/ResidualMLP")
+        x = _linear(g, act, linears[names["down"]], f"{p}.mlp.down_proj", residual=x)
     h = _rms_norm(g, x, spec.norms["model.norm.weight"], spec.rms_eps, "model.norm")
     logits = _tied_head(g, h, embedding, emb_names) if head is None else _linear(g, h, head, "lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name=g.unique("logits/Identity")))

@@ -177,7 +177,8 @@ def fixed_bytes(loaded: LoadedModel, layout: list[QdqTensorUnits], max_options: 
 
     _onnx()
     embedding, linears, head = _skeleton_parts(loaded, layout, sets, max_options)
-    model = build_decoder(decoder_spec(loaded), embedding, linears, _layer_weight_names(loaded), head)
+    # unfused: the real graph fuses q/k/v or gate/up only when that removes nodes and names
+    model = build_decoder(decoder_spec(loaded), embedding, linears, _layer_weight_names(loaded), head, fuse=False)
     return model.ByteSize() + INIT_SLACK * len(model.graph.initializer) + GRAPH_SLACK
 
 
@@ -464,10 +465,12 @@ def write_onnx(loaded: LoadedModel, weights: OnnxWeights, path: str | Path, budg
                         [q for q in qnames if not q.startswith("lm_head/")], weights.head is None)
 
 
-def write_float_onnx(loaded: LoadedModel, path: str | Path, *, untie_head: bool = True) -> Path:
+def write_float_onnx(loaded: LoadedModel, path: str | Path, *, untie_head: bool = True, fuse: bool = False) -> Path:
     """The same decoder graph with fp32 weights: the starting point of ONNX Runtime's own
     quantizer (``MatMulNBitsQuantizer``) in the benchmark. The head gets its own [K, V]
-    copy of a tied embedding (so the quantizer can treat MatMul and Gather separately)."""
+    copy of a tied embedding (so the quantizer can treat MatMul and Gather separately).
+    ``fuse``: q/k/v and gate/up as one MatMul each, as our quantized graphs do when
+    their structures agree (default: one MatMul per matrix, as torch.onnx.export writes)."""
     from .onnx_graph import FloatEmbedding, FloatLinear, build_decoder
 
     onnx = _onnx()
@@ -489,7 +492,7 @@ def write_float_onnx(loaded: LoadedModel, path: str | Path, *, untie_head: bool 
             raise CvxqError("a float export needs an untied head", "pass untie_head=True")
         head = FloatLinear(WeightRef("lm_head.weight", "lm_head", embedding.weight.shape[0], embedding.weight.shape[1],
                                      "linear", "head"), np.ascontiguousarray(embedding.weight.T))
-    model = build_decoder(decoder_spec(loaded), embedding, linears, _layer_weight_names(loaded), head)
+    model = build_decoder(decoder_spec(loaded), embedding, linears, _layer_weight_names(loaded), head, fuse=fuse)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
     return Path(path)
