@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--rtn-exports", default="plain",
                     help="fp32 exports ORT's RTN starts from: plain (one MatMul per matrix, as torch.onnx.export "
                          "writes), fused (q/k/v and gate/up as one MatMul each, as our graphs fuse them), or both")
+    ap.add_argument("--decode-speed", type=float, default=0.9,
+                    help="as fit --decode-speed: modeled decode speed >= R x ORT's RTN file of the same size (0: off)")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -112,10 +114,11 @@ def main() -> None:
         model = loaded if not rows else load_model(None)  # export_onnx leaves the model holding its weights
         t = time.perf_counter()
         info = export_onnx(model, outcome.sens, budget, out / f"cvxq_{mb}", eval_windows=windows, qmenu=qmenu,
-                           hessians=hessians)
+                           hessians=hessians, decode_speed=args.decode_speed or None)
         export_s = time.perf_counter() - t
         v = info["verify"]
-        row = {"method": f"CVXQ {mb} MB", "path": info["path"], "budget_bytes": budget, "file_bytes": info["file_bytes"],
+        row = {"method": f"CVXQ {mb} MB", "decode_speed_floor": args.decode_speed, "plan_notes": info["plan"].get("notes"),
+               "path": info["path"], "budget_bytes": budget, "file_bytes": info["file_bytes"],
                "perplexity": v["eval"]["onnxruntime_perplexity"], "torch_perplexity": v["eval"]["torch_perplexity"],
                "exact_perplexity": v["eval"]["onnxruntime_exact_perplexity"],
                "ppl_relative_difference": v["eval"]["relative_difference"], "greedy_identical": v["greedy_identical"],

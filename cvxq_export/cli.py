@@ -39,6 +39,11 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, budget: bool = Fa
     p.add_argument("--eval-text", default=None, help="text file for perplexity / KL evaluation")
     p.add_argument("--eval-windows", type=int, default=20, help="evaluation windows (default 20)")
     p.add_argument("--format", default=None, help="output formats, comma-separated: gguf,onnx,packed")
+    if budget:
+        p.add_argument("--decode-speed", type=float, default=0.9, metavar="R",
+                       help="onnx: keep the modeled decode speed at least R x that of ONNX Runtime's own 4-bit RTN "
+                            "file of about the same size (default 0.9; 0 turns the limit off and lets the plan use "
+                            "whatever loses least, e.g. the slower fp16-offset and 8-bit options)")
     if output:
         p.add_argument("-o", "--output", help="output directory")
         p.add_argument("--force", action="store_true", help="write into an existing directory not made by this tool")
@@ -444,7 +449,9 @@ def _fit_onnx(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool
         plan = Plan.load(args.plan)
         budget = plan.budget_bytes
     else:
-        plan, _ = plan_onnx(loaded, sens, budget, progress=not args.quiet)
+        if args.decode_speed < 0:
+            raise CvxqError(f"--decode-speed {args.decode_speed} is negative", "pass a ratio such as 0.9, or 0 for no limit")
+        plan, _ = plan_onnx(loaded, sens, budget, progress=not args.quiet, decode_speed=args.decode_speed or None)
     plan.save(out / "plan.json")
     t_plan = time.perf_counter()
     _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget (model.onnx, graph "

@@ -219,9 +219,83 @@ def _restricted_menu(qmenu: QdqMenu, sets: dict[str, list[int]]) -> Menu:
     return Menu(qmenu.menu.cost, qmenu.menu.distortion, legal)
 
 
+@dataclass
+class _TwoPass:
+    choice: np.ndarray  # [n_units] option index
+    lam: float
+    distortion_free: float  # pass 1 (the menu's own distortion, penalised when a time limit is on)
+    distortion: float  # pass 2
+    fixed: int  # graph bytes bound of pass 2
+    add_zero: bool
+
+
+def _two_pass(loaded: LoadedModel, qmenu: QdqMenu, menu: Menu, budget: int, loose: int, max_options: int,
+              fixed_cache: dict) -> _TwoPass:
+    free = allocate(menu, (budget - loose) * 8, 0, unit="bits")
+    for add_zero in (False, True):
+        sets = _allowed_sets(qmenu, free.choice, max_options, add_zero)
+        key = tuple(sorted((k, tuple(v)) for k, v in sets.items()))
+        if key not in fixed_cache:  # the skeleton build is the slow part of a pass: time limits rerun passes
+            fixed_cache[key] = fixed_bytes(loaded, qmenu.tensors, max_options,
+                                           {k: [OPTIONS[j] for j in v] for k, v in sets.items()})
+        fixed = fixed_cache[key]
+        restricted = _restricted_menu(QdqMenu(qmenu.tensors, menu, qmenu.options), sets)
+        r_lo, r_hi = cost_range(restricted)
+        room = (budget - fixed) * 8
+        if r_lo <= room:  # with zero allowed this always holds: fixed <= loose and zero costs nothing
+            break
+    alloc = allocate(restricted, min(room, r_hi), 0, unit="bits")
+    return _TwoPass(alloc.choice, alloc.lam, free.distortion, alloc.distortion, fixed, add_zero)
+
+
+def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, max_options: int,
+                  limit_us: float, fixed_cache: dict, progress: bool) -> tuple[_TwoPass, float, float]:
+    """The two passes on distortion + mu * modeled time, mu bisected (in log space) to the
+    smallest that brings the modeled decode time under ``limit_us``: the Lagrangian of
+    the second constraint. Returns the passes, mu, and the modeled time."""
+    from .onnx_speed import unit_times_us
+
+    times = unit_times_us(qmenu.tensors, qmenu.menu.cost.shape[0])  # [n_units, n_options] us
+    rows = np.arange(times.shape[0])
+
+    def run(mu: float) -> tuple[_TwoPass, float]:
+        m = qmenu.menu
+        penalised = Menu(m.cost, m.distortion + mu * times, m.legal)
+        r = _two_pass(loaded, qmenu, penalised, budget, loose, max_options, fixed_cache)
+        return r, float(times[rows, r.choice].sum())
+
+    best, t = run(0.0)
+    if t <= limit_us:
+        return best, 0.0, t
+    legal = qmenu.menu.legal
+    d = qmenu.menu.distortion[legal]
+    scale = float(np.median(d[d > 0])) / max(float(np.median(times[legal][times[legal] > 0])), 1e-12)
+    lo, hi = 0.0, scale
+    for _ in range(60):  # grow until the limit holds (the fastest plan drops groups: it always does)
+        r, t = run(hi)
+        if t <= limit_us:
+            best, best_t = r, t
+            break
+        lo, hi = hi, hi * 4
+    else:
+        raise CvxqError(f"no plan found under the decode-time limit {limit_us:.0f} us", "raise the limit")
+    for _ in range(14 if lo == 0.0 else 18):  # bisect mu in log space: ~1 % in mu
+        mid = (lo + hi) / 2 if lo == 0.0 else float(np.sqrt(lo * hi))
+        r, t = run(mid)
+        if t <= limit_us:
+            hi, best, best_t = mid, r, t
+        else:
+            lo = mid
+    return best, hi, best_t
+
+
 def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAULT_COL_GROUP,
-              max_options: int = MAX_OPTIONS, progress: bool = True, qmenu: QdqMenu | None = None) -> tuple[Plan, QdqMenu]:
-    """Allocate an option per (tensor, column group) so the file fits ``budget`` bytes.
+              max_options: int = MAX_OPTIONS, progress: bool = True, qmenu: QdqMenu | None = None,
+              decode_speed: float | None = None, decode_limit_us: float | None = None) -> tuple[Plan, QdqMenu]:
+    """Allocate an option per (tensor, column group) so the file fits ``budget`` bytes
+    and, with ``decode_speed`` R, its modeled decode time (:mod:`.onnx_speed`) is at most
+    1/R x that of ORT's own 4-bit RTN file of about the same size (or, with
+    ``decode_limit_us``, at most that many microseconds).
 
     Pass 1 allocates freely under a loose bound on the graph's own bytes (every matrix
     split ``max_options`` ways). Pass 2 limits each matrix to the options it used most
@@ -237,31 +311,39 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
     min_bytes, max_bytes = loose + -(-lo // 8), loose + hi // 8
     if not min_bytes <= budget <= max_bytes:
         raise InfeasibleBudget(budget, min_bytes, max_bytes)
-    free = allocate(qmenu.menu, (budget - loose) * 8, 0, unit="bits")
-    for add_zero in (False, True):
-        sets = _allowed_sets(qmenu, free.choice, max_options, add_zero)
-        fixed = fixed_bytes(loaded, qmenu.tensors, max_options, {k: [OPTIONS[j] for j in v] for k, v in sets.items()})
-        restricted = _restricted_menu(qmenu, sets)
-        r_lo, r_hi = cost_range(restricted)
-        room = (budget - fixed) * 8
-        if r_lo <= room:  # with zero allowed this always holds: fixed <= loose and zero costs nothing
-            break
-    alloc = allocate(restricted, min(room, r_hi), 0, unit="bits")
-    choice, lam = alloc.choice, alloc.lam
+    cache: dict = {}
+    notes = []
+    if decode_speed and decode_limit_us is None:
+        from .onnx_speed import graph_us, products_limit_us, rtn_reference
+
+        ref = rtn_reference(qmenu.tensors, budget)
+        layers = loaded.config.num_hidden_layers
+        decode_limit_us = products_limit_us(ref.decode_us, decode_speed, layers)
+        notes.append(f"decode-speed reference: ORT RTN 4-bit asym block {ref.block} (~{ref.rtn_bytes:,} bytes): weight "
+                     f"products modeled {ref.decode_us:.0f} us per token, the rest of the graph {graph_us(layers):.0f} us; "
+                     f"products limited to {decode_limit_us:.0f} us for >= {decode_speed} x its speed")
+    if decode_limit_us is None:
+        r = _two_pass(loaded, qmenu, qmenu.menu, budget, loose, max_options, cache)
+    else:
+        r, mu, t_us = _time_limited(loaded, qmenu, budget, loose, max_options, decode_limit_us, cache, progress)
+        notes.append(f"decode time: modeled {t_us:.0f} us per token <= limit {decode_limit_us:.0f} us "
+                     f"(time multiplier {mu:.4g}; cvxq_export.formats.onnx_speed)")
+    choice, lam, fixed, add_zero = r.choice, r.lam, r.fixed, r.add_zero
     notes = [f"splits: each matrix limited to its {max_options} most used options{' plus zero' if add_zero else ''} "
-             f"(pass 1 distortion {free.distortion:.6g}, pass 2 {alloc.distortion:.6g}); graph bytes bound "
-             f"{loose:,} -> {fixed:,}",
+             f"(pass 1 distortion {r.distortion_free:.6g}, pass 2 {r.distortion:.6g}); graph bytes bound "
+             f"{loose:,} -> {fixed:,}", *notes,
              "unit_map: index into cvxq_export.formats.onnx_qdq.OPTIONS per column group"]
     rows = np.arange(len(choice))
     tensors = []
     for t in qmenu.tensors:
-        r = rows[t.start:t.start + t.n_units]
-        c = choice[r]
-        bits = int(qmenu.menu.cost[r, c].sum())
+        units = rows[t.start:t.start + t.n_units]
+        c = choice[units]
+        bits = int(qmenu.menu.cost[units, c].sum())
         tensors.append(TensorPlan(t.ref.name, t.ref.rows, t.ref.cols, "qdq", 0, t.group, c.astype(np.uint8),
-                                  -(-bits // 8), float(qmenu.menu.distortion[r, c].sum())))
+                                  -(-bits // 8), float(qmenu.menu.distortion[units, c].sum())))
     total = fixed + sum(t.bytes for t in tensors)
-    plan = Plan("onnx", budget, total, fixed, lam, alloc.distortion, min_bytes, max_bytes, loaded.source.display,
+    distortion = float(qmenu.menu.distortion[rows, choice].sum())  # the menu's own (no time penalty)
+    plan = Plan("onnx", budget, total, fixed, lam, distortion, min_bytes, max_bytes, loaded.source.display,
                 sens.model_fingerprint, tensors, "all", notes)
     if total > budget:
         raise AssertionError(f"onnx plan uses {total} bytes > budget {budget}")
@@ -817,7 +899,7 @@ def verify_onnx(loaded: LoadedModel, artifact: OnnxArtifact, *, eval_windows: np
 def export_onnx(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_windows: np.ndarray | None = None,
                 progress: bool = True, plan: Plan | None = None, col_group: int = DEFAULT_COL_GROUP,
                 max_options: int = MAX_OPTIONS, qmenu: QdqMenu | None = None, verify: bool = True,
-                hessians: dict[str, np.ndarray] | None = None) -> dict:
+                hessians: dict[str, np.ndarray] | None = None, decode_speed: float | None = None) -> dict:
     """Plan (unless given), quantize, write model.onnx + tokenizer + generate.py, verify in
     ONNX Runtime. The PyTorch model is left holding the exported weights."""
     check_supported(loaded)
@@ -826,7 +908,7 @@ def export_onnx(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
     t0 = time.perf_counter()
     if plan is None:
         plan, qmenu = plan_onnx(loaded, sens, budget, col_group=col_group, max_options=max_options, progress=progress,
-                                qmenu=qmenu)
+                                qmenu=qmenu, decode_speed=decode_speed)
     plan.save(out_dir / "plan.json")
     t_plan = time.perf_counter()
     weights = quantize_for_onnx(loaded, sens, plan, progress=progress, hessians=hessians)
