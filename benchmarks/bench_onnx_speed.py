@@ -6,8 +6,9 @@ accuracy level 4 for MatMulNBits).
 
 Files of a pair are timed alternately (A B A B ...) so drift in machine load hits
 both alike. Each round opens a session, warms it up, times one prefill of 512
-tokens and 64 greedy decode steps with the KV cache; figures are medians over
-``--rounds``.
+tokens and ``--decode`` greedy decode steps with the KV cache, each step on its
+own; a round's decode speed is 1 / the median step (a burst of other load moves
+a few steps, not the median); figures are medians over ``--rounds``.
 """
 from __future__ import annotations
 
@@ -30,17 +31,23 @@ def one_round(path: str, threads: int, prefill: int, decode: int) -> dict:
     t = time.perf_counter()
     dec.forward(ids)
     prefill_s = time.perf_counter() - t
-    _, decode_tps = dec.greedy(ids[0, :64].tolist(), decode)
-    return {"prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode_tps}
+    logits, past = dec.forward(ids[:, :64])
+    steps = []
+    for _ in range(decode):
+        token = np.array([[int(logits[0, -1].argmax())]])
+        t = time.perf_counter()
+        logits, past = dec.forward(token, past)
+        steps.append(time.perf_counter() - t)
+    return {"prefill_tok_s": prefill / prefill_s, "decode_tok_s": 1.0 / float(np.median(steps))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pairs", nargs="+", help="OURS.onnx:OTHER.onnx")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = time_pairs(args.pairs, args.rounds, lambda p: one_round(p, args.threads, args.prefill, args.decode))

@@ -23,7 +23,8 @@ def time_pairs(pairs: list[str], rounds: int, measure: Callable[[str], dict]) ->
         for path, label in ((a, "ours"), (b, "other")):
             row[label] = {"path": path, "file_bytes": os.path.getsize(path),
                           "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs[path]),
-                          "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs[path])}
+                          "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs[path]),
+                          "decode_rounds": [round(r["decode_tok_s"], 2) for r in runs[path]]}
         row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["other"]["decode_tok_s"]
         row["prefill_ratio"] = row["ours"]["prefill_tok_s"] / row["other"]["prefill_tok_s"]
         rows.append(row)

@@ -36,6 +36,11 @@ def test_unit_times_sum_to_the_matrix_time(tiny_llama_dir):
     j = OPTIONS.index(option)
     assert times[:, j].sum() == pytest.approx(sp.reference_decode_us(layout, option))
     assert (times[:, OPTIONS.index(OPTIONS[0])] == 0).all()  # dropping a group costs no time
+    choice = np.full(n, j)
+    assert sp.split_us(layout, choice) == 0.0  # one option per matrix: no splits
+    lin = next(t for t in layout if t.role == "linear" and t.n_units > 1)
+    choice[lin.start] = OPTIONS.index(QdqOption(8, 32, "sym"))
+    assert sp.split_us(layout, choice) == pytest.approx(2 * sp.split_part_us())  # two parts, one Gather + call each
     # ORT's RTN file: a tied embedding is written twice (table + untied head), blocks padded
     emb = next(t for t in layout if t.role == "embedding")
     assert emb.tied_head
@@ -74,7 +79,7 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     assert timed.total_bytes <= budget
     # (no distortion order: pass 2 restricts each matrix to the options pass 1 used most, so a
     # penalised pass 1 can even land on a better pass 2; the guarantee is the limit and the budget)
-    assert any("decode time: modeled" in n for n in timed.notes)
+    assert any("decode time: products + splits modeled" in n for n in timed.notes)
     # a speed ratio goes through ORT's RTN reference of the same size
     rel, _ = ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False, qmenu=qmenu, decode_speed=0.9)
     assert any("decode-speed reference: ORT RTN" in n for n in rel.notes)

@@ -11,8 +11,10 @@ shapes (2 threads, accuracy level 4, this project's CI machine; the table ships 
 offsets, one more addend) are in its ``call_us`` and ``ns_per_weight``. A unit
 (column group) pays its matrix's ``call_us`` in proportion to its weights, which
 is exact for a matrix at one option and what keeps the model separable for the
-allocator. What the model leaves out: the attention and norms (the same for every
-plan) and the Gather + Sum of a split matrix (``max_options`` bounds those).
+allocator. A split matrix adds a Gather and a call per part (:func:`split_us`,
+charged on the whole plan, not per unit). The rest of the graph (attention, norms:
+the same for every plan) is one measured figure per layer, so that a speed *ratio*
+can be turned into a limit on the products.
 
 Why it exists: at the same file size, the option that loses least is not always one
 ORT runs fast (8-bit codes read twice the bytes, 16-weight blocks do twice the
@@ -53,6 +55,30 @@ def _table() -> dict:
 def decode_costs() -> dict[str, OptionCost]:
     """Option name -> fitted cost, from the table shipped with the package."""
     return {name: OptionCost(float(c["call_us"]), float(c["ns_per_weight"])) for name, c in _table()["options"].items()}
+
+
+def split_part_us() -> float:
+    """Modeled cost of each part of a matrix that is split (or drops groups): the Gather
+    (or Slice) of its input columns plus one more MatMulNBits call, estimated as twice the
+    measured Gather of a [1, 1, 576] row (``gather_us`` of the table)."""
+    return 2.0 * float(_table()["gather_us"])
+
+
+def split_us(tensors: list[QdqTensorUnits], choice: np.ndarray) -> float:
+    """What the plan's split matrices add per token (:func:`split_part_us` per part of a
+    matrix that is split or drops column groups)."""
+    from .onnx_qdq import OPTION_INDEX, ZERO
+
+    zero = OPTION_INDEX[ZERO]
+    total = 0.0
+    for tu in tensors:
+        if tu.role != "linear":
+            continue
+        used = set(np.unique(choice[tu.start:tu.start + tu.n_units]).tolist())
+        parts = len(used - {zero})
+        if parts > 1 or (zero in used and parts):
+            total += parts * split_part_us()
+    return total
 
 
 def graph_us(n_layers: int) -> float:

@@ -231,10 +231,10 @@ class _TwoPass:
 
 def _two_pass(loaded: LoadedModel, qmenu: QdqMenu, menu: Menu, budget: int, loose: int, max_options: int,
               fixed_cache: dict) -> _TwoPass:
-    free = allocate(menu, (budget - loose) * 8, 0, unit="bits")
+    free = allocate(menu, min((budget - loose) * 8, cost_range(menu)[1]), 0, unit="bits")
     for add_zero in (False, True):
         sets = _allowed_sets(qmenu, free.choice, max_options, add_zero)
-        key = tuple(sorted((k, tuple(v)) for k, v in sets.items()))
+        key = (max_options, tuple(sorted((k, tuple(v)) for k, v in sets.items())))
         if key not in fixed_cache:  # the skeleton build is the slow part of a pass: time limits rerun passes
             fixed_cache[key] = fixed_bytes(loaded, qmenu.tensors, max_options,
                                            {k: [OPTIONS[j] for j in v] for k, v in sets.items()})
@@ -253,7 +253,7 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
     """The two passes on distortion + mu * modeled time, mu bisected (in log space) to the
     smallest that brings the modeled decode time under ``limit_us``: the Lagrangian of
     the second constraint. Returns the passes, mu, and the modeled time."""
-    from .onnx_speed import unit_times_us
+    from .onnx_speed import split_us, unit_times_us
 
     times = unit_times_us(qmenu.tensors, qmenu.menu.cost.shape[0])  # [n_units, n_options] us
     rows = np.arange(times.shape[0])
@@ -262,7 +262,8 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
         m = qmenu.menu
         penalised = Menu(m.cost, m.distortion + mu * times, m.legal)
         r = _two_pass(loaded, qmenu, penalised, budget, loose, max_options, fixed_cache)
-        return r, float(times[rows, r.choice].sum())
+        # splits are charged on the whole plan: mu rises until products + splits fit
+        return r, float(times[rows, r.choice].sum()) + split_us(qmenu.tensors, r.choice)
 
     best, t = run(0.0)
     if t <= limit_us:
@@ -325,8 +326,18 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
     if decode_limit_us is None:
         r = _two_pass(loaded, qmenu, qmenu.menu, budget, loose, max_options, cache)
     else:
-        r, mu, t_us = _time_limited(loaded, qmenu, budget, loose, max_options, decode_limit_us, cache, progress)
-        notes.append(f"decode time: modeled {t_us:.0f} us per token <= limit {decode_limit_us:.0f} us "
+        # splits cost time the per-unit model cannot see, so a limit on the whole plan
+        # would be met by making every unit slower; instead compare the best plan with
+        # splits (charged) against the best without (one option per matrix)
+        best = None
+        for mo in sorted({1, max_options}):
+            mo_loose = fixed_bytes(loaded, qmenu.tensors, mo)
+            cand = _time_limited(loaded, qmenu, budget, mo_loose, mo, decode_limit_us, cache, progress)
+            true_d = float(qmenu.menu.distortion[np.arange(len(cand[0].choice)), cand[0].choice].sum())
+            if best is None or true_d < best[3]:
+                best = (cand, mo, mo_loose, true_d)
+        (r, mu, t_us), max_options, loose, _ = best
+        notes.append(f"decode time: products + splits modeled {t_us:.0f} us per token <= limit {decode_limit_us:.0f} us "
                      f"(time multiplier {mu:.4g}; cvxq_export.formats.onnx_speed)")
     choice, lam, fixed, add_zero = r.choice, r.lam, r.fixed, r.add_zero
     notes = [f"splits: each matrix limited to its {max_options} most used options{' plus zero' if add_zero else ''} "
