@@ -55,7 +55,7 @@ def quantize_tensor_feedback(loaded, sens, ref, unit_map: np.ndarray, row_group:
     """
     import torch
 
-    from .native import OPTIONS, NativeTensor, decode_map, quantize_tensor
+    from .native import OPTIONS, NativeTensor, decode_map, option_units, quantize_tensor
     from .quantizers import COMPANDED, UNIFORM, laplace_table
 
     if col_group != 1:
@@ -108,11 +108,6 @@ def quantize_tensor_feedback(loaded, sens, ref, unit_map: np.ndarray, row_group:
                 err = (x - v) / u[j, j]                                      # [rows]
                 work[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]     # GPTQ's rank-1 update
         flat_codes = codes.reshape(n_rg, row_group, cols).permute(0, 2, 1).reshape(n_rg * cols, row_group)
-        code_groups = []
-        for b, k in OPTIONS:  # the writer's order: one code array per (bits, kind), units in index order
-            sel = np.nonzero((bits == b) & ((kind == k) | (b == 0)))[0]
-            if b == 0 and k != UNIFORM or len(sel) == 0:
-                continue
-            code_groups.append(flat_codes[torch.from_numpy(sel)])
+        code_groups = [flat_codes[torch.from_numpy(sel)] for _, _, sel in option_units(bits, kind)]
     return NativeTensor(ref, row_group, col_group, np.asarray(unit_map, dtype=np.uint8), code_groups,
                         plain.offset, plain.scale, deq)

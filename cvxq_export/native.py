@@ -169,6 +169,19 @@ def _align(n: int) -> int:
     return -(-n // BUFFER_ALIGN) * BUFFER_ALIGN
 
 
+def option_units(bits: np.ndarray, kind: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """(bits, kind, unit indices) per option present, in the writer's order: one code
+    array per (bits, kind), units in index order; zero-bit units are one group whatever
+    their kind."""
+    out = []
+    for b, k in OPTIONS:
+        sel = np.nonzero((bits == b) & ((kind == k) | (b == 0)))[0]
+        if b == 0 and k != UNIFORM or len(sel) == 0:
+            continue
+        out.append((b, k, sel))
+    return out
+
+
 def quantize_tensor(loaded: LoadedModel, sens: Sensitivities, ref: WeightRef, unit_map: np.ndarray,
                     row_group: int, col_group: int) -> NativeTensor:
     """Quantize one tensor with its chosen option per unit."""
@@ -181,10 +194,7 @@ def quantize_tensor(loaded: LoadedModel, sens: Sensitivities, ref: WeightRef, un
         scale = torch.zeros(n, dtype=torch.float16)
         codes: list[torch.Tensor] = []
         bits, kind = decode_map(unit_map)
-        for b, k in OPTIONS:
-            sel = np.nonzero((bits == b) & ((kind == k) | (b == 0)))[0]
-            if b == 0 and k != UNIFORM or len(sel) == 0:
-                continue
+        for b, k, sel in option_units(bits, kind):
             idx = torch.from_numpy(sel)
             q: QuantizedUnits = quantize(x[idx], b, k, imp[idx])
             dequant[idx] = q.dequant
