@@ -31,7 +31,8 @@ def test_unit_times_sum_to_the_matrix_time(tiny_llama_dir):
     loaded = load_model(str(tiny_llama_dir))
     layout = menu_layout(loaded, loaded.weights, 32)
     n = sum(t.n_units for t in layout)
-    times = sp.unit_times_us(layout, n)  # [n_units, n_options]
+    times = sp.unit_times_us(layout)  # [n_units, n_options]
+    assert times.shape == (n, len(OPTIONS))
     option = QdqOption(4, 32, "asym")
     j = OPTIONS.index(option)
     assert times[:, j].sum() == pytest.approx(sp.reference_decode_us(layout, option))
@@ -66,7 +67,7 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     budget = lo + (hi - lo) * 3 // 4
     free, qmenu = ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False)
     n = qmenu.menu.cost.shape[0]
-    times = sp.unit_times_us(qmenu.tensors, n)
+    times = sp.unit_times_us(qmenu.tensors)
 
     def modeled(plan) -> float:
         choice = np.concatenate([t.unit_map for t in plan.tensors]).astype(int)

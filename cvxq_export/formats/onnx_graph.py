@@ -197,6 +197,11 @@ def _qdq_matmul(g: GraphBuilder, x: str, split: QdqSplit, name: str, *, weight: 
     return g.op("MatMul", [x, w], f"{name}/MatMul")
 
 
+def _split_name(name: str, split: QdqSplit, splits: list[QdqSplit]) -> str:
+    """A split's node / initializer prefix: the matrix's name, plus the option when it has several."""
+    return f"{name}.{split.option.name}" if len(splits) > 1 else name
+
+
 def _offset_correction(g: GraphBuilder, inputs: list[str], splits: list[QdqSplit], name: str,
                        offsets: list[str] | None = None) -> str | None:
     """sum over the offset splits d of blocksum(x_d) @ O_d as one product for the whole
@@ -217,8 +222,7 @@ def _offset_correction(g: GraphBuilder, inputs: list[str], splits: list[QdqSplit
         blocks = g.op("Reshape", [x, g.const([0, 0, -(-k_d // b), b])], f"{name}.{s.option.name}/BlockView")
         sums.append(g.op("ReduceSum", [blocks, g.const([-1])], f"{name}.{s.option.name}/BlockSums", keepdims=0))
     if offsets is None:
-        offsets = [g.init(f"{name}.{s.option.name}.offsets" if len(splits) > 1 else f"{name}.offsets",
-                          s.offset.astype(np.float16)) for _, s in parts]
+        offsets = [g.init(f"{_split_name(name, s, splits)}.offsets", s.offset.astype(np.float16)) for _, s in parts]
     stacked = offsets[0] if len(offsets) == 1 else g.op("Concat", offsets, f"{name}/StackOffsets", axis=0)
     o32 = g.op("Cast", [stacked], f"{name}/CastOffsets", to=1)  # [sum K_d / b, N]
     s_all = sums[0] if len(sums) == 1 else g.op("Concat", sums, f"{name}/StackBlockSums", axis=-1)  # [B, T, sum K_d/b]
@@ -242,7 +246,7 @@ def _linear_terms(g: GraphBuilder, x: str, lin: QdqLinear | FloatLinear, name: s
         return terms
     terms, inputs = [], []
     for split in lin.splits:
-        sname = f"{name}.{split.option.name}" if len(lin.splits) > 1 else name
+        sname = _split_name(name, split, lin.splits)
         if lin.full_input:
             xd = x
         elif split.input_slice is not None:  # input already permuted by the previous layer: contiguous

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CvxqError
-from .onnx_qdq import OPTIONS, QdqOption, QdqTensorUnits
+from .onnx_qdq import OPTION_INDEX, OPTIONS, ZERO, QdqOption, QdqTensorUnits
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,6 @@ def split_part_us() -> float:
 def split_us(tensors: list[QdqTensorUnits], choice: np.ndarray) -> float:
     """What the plan's split matrices add per token (:func:`split_part_us` per part of a
     matrix that is split or drops column groups)."""
-    from .onnx_qdq import OPTION_INDEX, ZERO
-
     zero = OPTION_INDEX[ZERO]
     total = 0.0
     for tu in tensors:
@@ -110,10 +108,10 @@ def option_cost(option: QdqOption) -> OptionCost:
     return costs[best.name]
 
 
-def unit_times_us(tensors: list[QdqTensorUnits], n_units: int) -> np.ndarray:
+def unit_times_us(tensors: list[QdqTensorUnits]) -> np.ndarray:
     """[n_units, len(OPTIONS)] modeled decode microseconds of each unit at each option.
     The tied embedding's unit carries the output head's product (the gather is one row)."""
-    t = np.zeros((n_units, len(OPTIONS)))
+    t = np.zeros((max(tu.start + tu.n_units for tu in tensors), len(OPTIONS)))
     for tu in tensors:
         if tu.role == "embedding" and not tu.tied_head:
             continue  # an untied embedding is only gathered: its head is its own tensor

@@ -248,14 +248,19 @@ def _two_pass(loaded: LoadedModel, qmenu: QdqMenu, menu: Menu, budget: int, loos
     return _TwoPass(alloc.choice, alloc.lam, free.distortion, alloc.distortion, fixed, add_zero)
 
 
+def _menu_distortion(qmenu: QdqMenu, choice: np.ndarray) -> float:
+    """The menu's own distortion of a choice (no time penalty)."""
+    return float(qmenu.menu.distortion[np.arange(len(choice)), choice].sum())
+
+
 def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, max_options: int,
-                  limit_us: float, fixed_cache: dict, progress: bool) -> tuple[_TwoPass, float, float]:
+                  limit_us: float, fixed_cache: dict) -> tuple[_TwoPass, float, float]:
     """The two passes on distortion + mu * modeled time, mu bisected (in log space) to the
     smallest that brings the modeled decode time under ``limit_us``: the Lagrangian of
     the second constraint. Returns the passes, mu, and the modeled time."""
     from .onnx_speed import split_us, unit_times_us
 
-    times = unit_times_us(qmenu.tensors, qmenu.menu.cost.shape[0])  # [n_units, n_options] us
+    times = unit_times_us(qmenu.tensors)  # [n_units, n_options] us
     rows = np.arange(times.shape[0])
 
     def run(mu: float) -> tuple[_TwoPass, float]:
@@ -331,9 +336,9 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
         # splits (charged) against the best without (one option per matrix)
         best = None
         for mo in sorted({1, max_options}):
-            mo_loose = fixed_bytes(loaded, qmenu.tensors, mo)
-            cand = _time_limited(loaded, qmenu, budget, mo_loose, mo, decode_limit_us, cache, progress)
-            true_d = float(qmenu.menu.distortion[np.arange(len(cand[0].choice)), cand[0].choice].sum())
+            mo_loose = loose if mo == max_options else fixed_bytes(loaded, qmenu.tensors, mo)
+            cand = _time_limited(loaded, qmenu, budget, mo_loose, mo, decode_limit_us, cache)
+            true_d = _menu_distortion(qmenu, cand[0].choice)
             if best is None or true_d < best[3]:
                 best = (cand, mo, mo_loose, true_d)
         (r, mu, t_us), max_options, loose, _ = best
@@ -353,8 +358,7 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
         tensors.append(TensorPlan(t.ref.name, t.ref.rows, t.ref.cols, "qdq", 0, t.group, c.astype(np.uint8),
                                   -(-bits // 8), float(qmenu.menu.distortion[units, c].sum())))
     total = fixed + sum(t.bytes for t in tensors)
-    distortion = float(qmenu.menu.distortion[rows, choice].sum())  # the menu's own (no time penalty)
-    plan = Plan("onnx", budget, total, fixed, lam, distortion, min_bytes, max_bytes, loaded.source.display,
+    plan = Plan("onnx", budget, total, fixed, lam, _menu_distortion(qmenu, choice), min_bytes, max_bytes, loaded.source.display,
                 sens.model_fingerprint, tensors, "all", notes)
     if total > budget:
         raise AssertionError(f"onnx plan uses {total} bytes > budget {budget}")
