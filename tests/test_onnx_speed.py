@@ -12,7 +12,7 @@ def test_table_covers_every_offered_option():
         if o.kind == "zero":
             assert c == sp.OptionCost(0.0, 0.0)
         else:
-            assert c.call_us >= 0 and c.ns_per_weight > 0, o.name
+            assert c.call_us >= 0 and c.ns_per_weight >= 0 and c.call_us + c.ns_per_weight > 0, o.name
             if offered(o):
                 assert o.name in sp.decode_costs(), f"{o.name} is offered but was not measured"
     assert sp.graph_us(30) > 0
@@ -25,7 +25,7 @@ def test_limit_formula():
     assert sp.products_limit_us(1000.0, 0.5, 10) == pytest.approx(2 * (g + 1000.0) - g)
 
 
-def test_unit_times_sum_to_the_matrix_time(tiny_llama_dir):
+def test_unit_times_calls_and_splits(tiny_llama_dir):
     from cvxq_export.model import load_model
 
     loaded = load_model(str(tiny_llama_dir))
@@ -35,13 +35,23 @@ def test_unit_times_sum_to_the_matrix_time(tiny_llama_dir):
     assert times.shape == (n, len(OPTIONS))
     option = QdqOption(4, 32, "asym")
     j = OPTIONS.index(option)
-    assert times[:, j].sum() == pytest.approx(sp.reference_decode_us(layout, option))
-    assert (times[:, OPTIONS.index(OPTIONS[0])] == 0).all()  # dropping a group costs no time
     choice = np.full(n, j)
+    # a uniform plan is the reference: per weight plus one call per fused matrix
+    assert sp.plan_time_us(layout, choice) == pytest.approx(sp.reference_decode_us(layout, option))
+    assert (times[:, OPTIONS.index(OPTIONS[0])] == 0).all()  # dropping a group costs no time
     assert sp.split_us(layout, choice) == 0.0  # one option per matrix: no splits
+    layers = loaded.config.num_hidden_layers
+    call = sp.option_cost(option).call_us
+    # q/k/v and gate/up fuse: 4 calls per layer and the head
+    assert sp.calls_us(layout, choice) == pytest.approx((4 * layers + 1) * call)
+    k_proj = next(t for t in layout if ".k_proj." in t.ref.name)
+    other = OPTIONS.index(QdqOption(8, 32, "sym"))
+    unfused = choice.copy()
+    unfused[k_proj.start:k_proj.start + k_proj.n_units] = other  # k differs from q and v: three calls there
+    assert sp.calls_us(layout, unfused) == pytest.approx((4 * layers) * call + 2 * call + sp.option_cost(OPTIONS[other]).call_us)
     lin = next(t for t in layout if t.role == "linear" and t.n_units > 1)
-    choice[lin.start] = OPTIONS.index(QdqOption(8, 32, "sym"))
-    assert sp.split_us(layout, choice) == pytest.approx(2 * sp.split_part_us())  # two parts, one Gather + call each
+    choice[lin.start] = other
+    assert sp.split_us(layout, choice) == pytest.approx(2 * sp.split_part_us())  # two parts, one Gather each
     # ORT's RTN file: a tied embedding is written twice (table + untied head), blocks padded
     emb = next(t for t in layout if t.role == "embedding")
     assert emb.tied_head
@@ -50,6 +60,31 @@ def test_unit_times_sum_to_the_matrix_time(tiny_llama_dir):
     assert lone == int(2 * r)
     ref = sp.rtn_reference(layout, sp.rtn_file_bytes(layout, 64))
     assert ref.block == 64
+
+
+def test_head_has_its_own_cost_and_whole_plan_time(tiny_llama_dir):
+    from cvxq_export.model import load_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    layout = menu_layout(loaded, loaded.weights, 32)
+    times = sp.unit_times_us(layout)
+    option = QdqOption(4, 32, "asym")
+    j = OPTIONS.index(option)
+    emb = next(t for t in layout if t.role == "embedding")
+    lin = next(t for t in layout if t.role == "linear")
+    per_weight = lambda t: times[t.start:t.start + t.n_units, j].sum() / (t.ref.rows * t.ref.cols)  # noqa: E731
+    assert per_weight(emb) * 1000 == pytest.approx(sp.head_ns_per_weight(option))
+    assert per_weight(lin) * 1000 == pytest.approx(sp.option_cost(option).ns_per_weight)
+    # measured: the head's output is the vocabulary, per weight it costs more than a block matrix
+    assert sp.head_ns_per_weight(option) > sp.option_cost(option).ns_per_weight
+    # a plan's whole modeled step: the graph, its products, calls, splits
+    maps = {t.ref.name: np.full(t.n_units, j) for t in layout}
+    maps[lin.ref.name][0] = OPTIONS.index(QdqOption(8, 32, "sym"))
+    choice = sp.plan_choice(layout, maps)
+    layers = loaded.config.num_hidden_layers
+    want = sp.graph_us(layers) + times[np.arange(len(choice)), choice].sum() + sp.calls_us(layout, choice) \
+        + 2 * sp.split_part_us()
+    assert sp.modeled_step_us(layout, choice, layers) == pytest.approx(want)
 
 
 def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_path):
@@ -66,12 +101,9 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     lo, hi = ot.size_range(loaded, col_group=32)
     budget = lo + (hi - lo) * 3 // 4
     free, qmenu = ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False)
-    n = qmenu.menu.cost.shape[0]
-    times = sp.unit_times_us(qmenu.tensors)
-
     def modeled(plan) -> float:
         choice = np.concatenate([t.unit_map for t in plan.tensors]).astype(int)
-        return float(times[np.arange(n), choice].sum())
+        return sp.plan_time_us(qmenu.tensors, choice)
 
     t_free = modeled(free)
     limit = 0.8 * t_free
@@ -80,7 +112,7 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     assert timed.total_bytes <= budget
     # (no distortion order: pass 2 restricts each matrix to the options pass 1 used most, so a
     # penalised pass 1 can even land on a better pass 2; the guarantee is the limit and the budget)
-    assert any("decode time: products + splits modeled" in n for n in timed.notes)
+    assert any("decode time: products, calls and splits modeled" in n for n in timed.notes)
     # a speed ratio goes through ORT's RTN reference of the same size
     rel, _ = ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False, qmenu=qmenu, decode_speed=0.9)
     assert any("decode-speed reference: ORT RTN" in n for n in rel.notes)

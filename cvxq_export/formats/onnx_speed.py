@@ -1,25 +1,32 @@
-"""A decode-time model for the ONNX menu: what each option costs ONNX Runtime per token.
+"""A decode-time model for the ONNX menu: what a plan costs ONNX Runtime per token.
 
-Decoding one token runs every fused MatMulNBits at one activation row, so its time
-is a sum over matrices of what that matrix's option costs. Per matrix and option,
+Decoding one token runs every fused MatMulNBits at one activation row. The model:
 
-    t = call_us + weights * ns_per_weight / 1000      (microseconds)
+    step_us = graph_us_per_layer x layers                     (attention, norms: every plan alike)
+            + sum over weights of ns_per_weight[option] / 1000 (the head: its own ``head`` entry)
+            + call_us x MatMulNBits calls  (+ offset_us per offset product)
+            + gather_us x parts of split matrices
 
-fitted on ``benchmarks/bench_onnx_kernels.py``'s measurements of SmolLM2's matrix
-shapes (2 threads, accuracy level 4, this project's CI machine; the table ships as
-``onnx_decode_costs.json``: rerun the benchmark on the target to refit it). The fp16-offset kind's own nodes (block sums, their product with the
-offsets, one more addend) are in its ``call_us`` and ``ns_per_weight``. A unit
-(column group) pays its matrix's ``call_us`` in proportion to its weights, which
-is exact for a matrix at one option and what keeps the model separable for the
-allocator. A split matrix adds a Gather and a call per part (:func:`split_us`,
-charged on the whole plan, not per unit). The rest of the graph (attention, norms:
-the same for every plan) is one measured figure per layer, so that a speed *ratio*
-can be turned into a limit on the products.
+fitted by ``benchmarks/bench_onnx_inmodel.py`` (least squares over ~80 whole
+SmolLM2-shaped decoders with random codes: uniform, all-dropped and random mixed
+plans, 2 threads, accuracy level 4, this project's CI machine; the table ships as
+``onnx_decode_costs.json``: rerun it on the target to refit). Why whole models: the
+first table timed each option on one matrix at a time (``bench_onnx_kernels.py``,
+kept as ``isolated_*``), which stays in the 32 MB L3 cache, and mixed the costs of
+plans up: it predicted a 90 MB plan at 1.11x a uniform 4-bit block-64 model where it
+measured 1.30-1.37x; the whole-model fit predicts 1.33x (and the plan's variants with
+the 32-blocks, the 8-bit or the offset parts replaced, within 3 %).
+
+Calls are counted on the whole plan, as the graph builder writes it: q/k/v and
+gate/up with the same single option are one call. The allocator's per-unit times
+(:func:`unit_times_us`) hold only the per-weight part, which is what keeps them
+separable; calls and splits are charged on the whole plan (:func:`plan_time_us`)
+by the planner's bisection on the time multiplier.
 
 Why it exists: at the same file size, the option that loses least is not always one
-ORT runs fast (8-bit codes read twice the bytes, 16-weight blocks do twice the
-per-block work, an offset costs extra nodes), and users deploy for decode speed as
-much as for size. ``plan_onnx(..., decode_limit_us=...)`` keeps the modeled time
+ORT runs fast (blocks of 32 and 16, 8-bit codes and offsets each cost a measured
+~10-40 % more per weight than 4-bit blocks of 64), and users deploy for decode speed
+as much as for size. ``plan_onnx(..., decode_limit_us=...)`` keeps the modeled time
 under a limit; ``rtn_reference`` gives the modeled time of ORT's own RTN quantizer's
 file of about the same size (uniform ``uint4`` asymmetric blocks) to set it from:
 ``fit --format onnx --decode-speed 0.9`` asks for at least 0.9x that speed.
@@ -39,12 +46,13 @@ from .onnx_qdq import OPTION_INDEX, OPTIONS, ZERO, QdqOption, QdqTensorUnits
 
 @dataclass(frozen=True)
 class OptionCost:
-    call_us: float  # per matrix call
+    call_us: float  # per MatMulNBits call (the offset kind's product included)
     ns_per_weight: float
 
 
-TABLE = Path(__file__).with_name("onnx_decode_costs.json")  # written by benchmarks/bench_onnx_kernels.py
+TABLE = Path(__file__).with_name("onnx_decode_costs.json")  # written by benchmarks/bench_onnx_inmodel.py
 RTN_BLOCKS = (32, 64, 128)  # the block sizes of ORT's RTN quantizer that "the same size" is matched among
+FUSED_WITH = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # read the same input: one call
 
 
 @lru_cache(maxsize=1)
@@ -58,25 +66,10 @@ def decode_costs() -> dict[str, OptionCost]:
 
 
 def split_part_us() -> float:
-    """Modeled cost of each part of a matrix that is split (or drops groups): the Gather
-    (or Slice) of its input columns plus one more MatMulNBits call, estimated as twice the
-    measured Gather of a [1, 1, 576] row (``gather_us`` of the table)."""
-    return 2.0 * float(_table()["gather_us"])
-
-
-def split_us(tensors: list[QdqTensorUnits], choice: np.ndarray) -> float:
-    """What the plan's split matrices add per token (:func:`split_part_us` per part of a
-    matrix that is split or drops column groups)."""
-    zero = OPTION_INDEX[ZERO]
-    total = 0.0
-    for tu in tensors:
-        if tu.role != "linear":
-            continue
-        used = set(np.unique(choice[tu.start:tu.start + tu.n_units]).tolist())
-        parts = len(used - {zero})
-        if parts > 1 or (zero in used and parts):
-            total += parts * split_part_us()
-    return total
+    """Modeled cost of each part of a matrix that is split (or drops groups) besides its
+    call: the Gather (or Slice) of its input columns (``gather_us``, measured on a
+    [1, 1, 576] row)."""
+    return float(_table()["gather_us"])
 
 
 def graph_us(n_layers: int) -> float:
@@ -91,26 +84,49 @@ def products_limit_us(reference_us: float, speed: float, n_layers: int) -> float
     return (g + reference_us) / speed - g
 
 
+def _nearest(option: QdqOption, names) -> QdqOption | None:
+    same = [o for o in OPTIONS if o.name in names and o.bits == option.bits and o.kind == option.kind] or \
+        [o for o in OPTIONS if o.name in names and o.bits == option.bits]
+    return min(same, key=lambda o: abs(np.log2(o.block) - np.log2(option.block))) if same else None
+
+
 def option_cost(option: QdqOption) -> OptionCost:
     """The fitted cost of ``option``; one the table lacks (options the default menu does
-    not offer) takes the measured one of the same bits and kind with the nearest block."""
+    not offer) takes the one of the same bits and kind with the nearest block."""
     if option.kind == "zero":
         return OptionCost(0.0, 0.0)
     costs = decode_costs()
     if option.name in costs:
         return costs[option.name]
-    same = [o for o in OPTIONS if o.name in costs and o.bits == option.bits and o.kind == option.kind] or \
-        [o for o in OPTIONS if o.name in costs and o.bits == option.bits]
-    if not same:
+    near = _nearest(option, costs)
+    if near is None:
         raise CvxqError(f"no decode cost for {option.name} in {TABLE}",
-                        "rerun benchmarks/bench_onnx_kernels.py --write-table")
-    best = min(same, key=lambda o: abs(np.log2(o.block) - np.log2(option.block)))
-    return costs[best.name]
+                        "rerun benchmarks/bench_onnx_inmodel.py --write-table")
+    return costs[near.name]
+
+
+def head_ns_per_weight(option: QdqOption) -> float:
+    """The output head's fitted ns per weight at ``option`` (its N is the vocabulary:
+    per weight it costs more than a block matrix); nearest block where not fitted."""
+    heads = _table().get("head", {})
+    if option.name in heads:
+        return float(heads[option.name]["ns_per_weight"])
+    near = _nearest(option, heads)
+    return float(heads[near.name]["ns_per_weight"]) if near is not None else option_cost(option).ns_per_weight
+
+
+def _is_head(tu: QdqTensorUnits) -> bool:
+    return tu.ref.role == "head" or (tu.role == "embedding" and tu.tied_head)
+
+
+def _ns(tu: QdqTensorUnits, option: QdqOption) -> float:
+    return head_ns_per_weight(option) if _is_head(tu) else option_cost(option).ns_per_weight
 
 
 def unit_times_us(tensors: list[QdqTensorUnits]) -> np.ndarray:
-    """[n_units, len(OPTIONS)] modeled decode microseconds of each unit at each option.
-    The tied embedding's unit carries the output head's product (the gather is one row)."""
+    """[n_units, len(OPTIONS)] modeled per-weight decode microseconds of each unit at each
+    option (calls and splits: :func:`plan_time_us`). The tied embedding's unit carries the
+    output head's product (the gather is one row)."""
     t = np.zeros((max(tu.start + tu.n_units for tu in tensors), len(OPTIONS)))
     for tu in tensors:
         if tu.role == "embedding" and not tu.tied_head:
@@ -118,16 +134,69 @@ def unit_times_us(tensors: list[QdqTensorUnits]) -> np.ndarray:
         rows = slice(tu.start, tu.start + tu.n_units)
         weights = tu.ref.rows * tu.group  # per unit
         for j in tu.legal:
-            c = option_cost(OPTIONS[j])
-            t[rows, j] = c.call_us / tu.n_units + weights * c.ns_per_weight / 1000.0
+            t[rows, j] = weights * _ns(tu, OPTIONS[j]) / 1000.0
     return t
 
 
+def _fusion_key(name: str) -> str:
+    """Tensors with the same key read the same input (q/k/v, gate/up)."""
+    for part, into in FUSED_WITH.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{into}.")
+    return name
+
+
+def calls_us(tensors: list[QdqTensorUnits], choice: np.ndarray) -> float:
+    """What the plan's MatMulNBits calls cost per token: one per non-zero option of each
+    matrix, siblings that read the same input at the same single option counted once
+    (the graph fuses them), plus the offset kind's product once per (fused) matrix."""
+    zero = OPTION_INDEX[ZERO]
+    groups: dict[str, list[tuple[int, ...]]] = {}
+    for tu in tensors:
+        if tu.role == "embedding" and not tu.tied_head:
+            continue
+        used = tuple(sorted(set(np.unique(choice[tu.start:tu.start + tu.n_units]).tolist())))
+        groups.setdefault(_fusion_key(tu.ref.name), []).append(used)
+    total = 0.0
+    for members in groups.values():
+        fused = len(members) > 1 and len(set(members)) == 1 and len(members[0]) == 1 and members[0][0] != zero
+        for used in (members[:1] if fused else members):
+            for j in used:
+                if j != zero:
+                    total += option_cost(OPTIONS[j]).call_us
+    return total
+
+
+def split_us(tensors: list[QdqTensorUnits], choice: np.ndarray) -> float:
+    """What the plan's split matrices add per token besides their calls
+    (:func:`split_part_us` per part of a matrix that is split or drops column groups)."""
+    zero = OPTION_INDEX[ZERO]
+    total = 0.0
+    for tu in tensors:
+        if tu.role != "linear":
+            continue
+        used = set(np.unique(choice[tu.start:tu.start + tu.n_units]).tolist())
+        parts = len(used - {zero})
+        if parts > 1 or (zero in used and parts):
+            total += parts * split_part_us()
+    return total
+
+
+def plan_time_us(tensors: list[QdqTensorUnits], choice: np.ndarray, times: np.ndarray | None = None) -> float:
+    """Modeled decode microseconds of the plan's weight products: per weight, calls, splits."""
+    times = unit_times_us(tensors) if times is None else times
+    return float(times[np.arange(len(choice)), choice].sum()) + calls_us(tensors, choice) + split_us(tensors, choice)
+
+
 def reference_decode_us(tensors: list[QdqTensorUnits], option: QdqOption) -> float:
-    """Modeled decode time of every matrix (and the head) at one ``option``."""
-    c = option_cost(option)
-    return sum(c.call_us + tu.ref.rows * tu.ref.cols * c.ns_per_weight / 1000.0
-               for tu in tensors if not (tu.role == "embedding" and not tu.tied_head))
+    """Modeled decode time of every matrix (and the head) at one ``option``, with q/k/v and
+    gate/up as one call each (ORT's RTN files call them apart, measured 3-10 % slower than
+    our fused uniform graph: counting them fused makes the reference a little faster,
+    the limit a little stricter)."""
+    choice = np.full(max(tu.start + tu.n_units for tu in tensors), OPTION_INDEX[option])
+    weights = sum(tu.ref.rows * tu.ref.cols * _ns(tu, option) / 1000.0
+                  for tu in tensors if not (tu.role == "embedding" and not tu.tied_head))
+    return weights + calls_us(tensors, choice)
 
 
 def rtn_file_bytes(tensors: list[QdqTensorUnits], block: int) -> int:
@@ -156,3 +225,16 @@ def rtn_reference(tensors: list[QdqTensorUnits], budget: int) -> SpeedReference:
     sizes = {b: rtn_file_bytes(tensors, b) for b in RTN_BLOCKS}
     block = min(RTN_BLOCKS, key=lambda b: abs(sizes[b] - budget))
     return SpeedReference(block, sizes[block], reference_decode_us(tensors, QdqOption(4, block, "asym")))
+
+
+def plan_choice(tensors: list[QdqTensorUnits], unit_maps: dict[str, np.ndarray]) -> np.ndarray:
+    """The flat per-unit option indices of a plan (``TensorPlan.unit_map`` by tensor name)."""
+    choice = np.zeros(max(tu.start + tu.n_units for tu in tensors), np.int64)
+    for tu in tensors:
+        choice[tu.start:tu.start + tu.n_units] = unit_maps[tu.ref.name]
+    return choice
+
+
+def modeled_step_us(tensors: list[QdqTensorUnits], choice: np.ndarray, n_layers: int) -> float:
+    """Modeled decode microseconds per token of a whole plan: graph + products + splits."""
+    return graph_us(n_layers) + plan_time_us(tensors, choice)

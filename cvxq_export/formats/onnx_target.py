@@ -258,17 +258,16 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
     """The two passes on distortion + mu * modeled time, mu bisected (in log space) to the
     smallest that brings the modeled decode time under ``limit_us``: the Lagrangian of
     the second constraint. Returns the passes, mu, and the modeled time."""
-    from .onnx_speed import split_us, unit_times_us
+    from .onnx_speed import plan_time_us, unit_times_us
 
-    times = unit_times_us(qmenu.tensors)  # [n_units, n_options] us
-    rows = np.arange(times.shape[0])
+    times = unit_times_us(qmenu.tensors)  # [n_units, n_options] us, the per-weight part
 
     def run(mu: float) -> tuple[_TwoPass, float]:
         m = qmenu.menu
         penalised = Menu(m.cost, m.distortion + mu * times, m.legal)
         r = _two_pass(loaded, qmenu, penalised, budget, loose, max_options, fixed_cache)
-        # splits are charged on the whole plan: mu rises until products + splits fit
-        return r, float(times[rows, r.choice].sum()) + split_us(qmenu.tensors, r.choice)
+        # calls and splits are charged on the whole plan: mu rises until all of it fits
+        return r, plan_time_us(qmenu.tensors, r.choice, times)
 
     best, t = run(0.0)
     if t <= limit_us:
@@ -342,7 +341,7 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
             if best is None or true_d < best[3]:
                 best = (cand, mo, mo_loose, true_d)
         (r, mu, t_us), max_options, loose, _ = best
-        notes.append(f"decode time: products + splits modeled {t_us:.0f} us per token <= limit {decode_limit_us:.0f} us "
+        notes.append(f"decode time: products, calls and splits modeled {t_us:.0f} us per token <= limit {decode_limit_us:.0f} us "
                      f"(time multiplier {mu:.4g}; cvxq_export.formats.onnx_speed)")
     choice, lam, fixed, add_zero = r.choice, r.lam, r.fixed, r.add_zero
     notes = [f"splits: each matrix limited to its {max_options} most used options{' plus zero' if add_zero else ''} "
