@@ -11,7 +11,8 @@ from typing import Callable
 
 def time_pairs(pairs: list[str], rounds: int, measure: Callable[[str], dict]) -> list[dict]:
     """``pairs`` are "OURS:OTHER"; ``measure(path)`` returns prefill_tok_s and decode_tok_s
-    for one round. Each figure is the median over ``rounds``."""
+    for one round. Each figure is the median over ``rounds``; a ratio is the median of the
+    rounds' own ratios."""
     rows = []
     for pair in pairs:
         a, b = pair.split(":")
@@ -25,8 +26,12 @@ def time_pairs(pairs: list[str], rounds: int, measure: Callable[[str], dict]) ->
                           "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in runs[path]),
                           "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs[path]),
                           "decode_rounds": [round(r["decode_tok_s"], 2) for r in runs[path]]}
-        row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["other"]["decode_tok_s"]
-        row["prefill_ratio"] = row["ours"]["prefill_tok_s"] / row["other"]["prefill_tok_s"]
+        # the ratio of each round's pair (A then B, a second or two apart), median over rounds:
+        # machine state drifts by 10-40 % between rounds here, within a pair by a few %
+        for key in ("decode", "prefill"):
+            per_round = [ra[f"{key}_tok_s"] / rb[f"{key}_tok_s"] for ra, rb in zip(runs[a], runs[b])]
+            row[f"{key}_ratio"] = statistics.median(per_round)
+            row[f"{key}_ratio_rounds"] = [round(x, 3) for x in per_round]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
