@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", action="store_true", help="keep rows of other budgets already in --json")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
+    ap.add_argument("--decode-speed", type=float, default=0.9,
+                    help="what `fit --decode-speed` does: modeled llama.cpp time within 1/R of the fastest type mix "
+                         "of the same size (0: no limit, the plans before the speed model)")
     args = ap.parse_args()
     loaded = load_model(None)
     t0 = time.perf_counter()
@@ -54,7 +57,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         try:
-            plan, _ = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu)
+            plan, _ = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu, speed=args.decode_speed or None)
         except InfeasibleBudget as exc:
             print(f"{mb} MB: {exc}", flush=True)
             rows.append({"budget_mb": mb, "infeasible": str(exc)})
@@ -71,7 +74,8 @@ def main() -> None:
         rows.append({"budget_mb": mb, "file_bytes": os.path.getsize(res.path), "perplexity": ppl.perplexity,
                      "types": types, "embedding": emb, "plan_write_s": write_s, "decode_tok_s": tps,
                      "uses_q4_1_source_grid": "Q4_1" in types, "readback_bit_exact": readback,
-                     "error_feedback": hessians is not None})
+                     "error_feedback": hessians is not None, "decode_speed": args.decode_speed,
+                     "plan_notes": plan.notes})
         print(json.dumps(rows[-1]), flush=True)
     print("\n| budget | file bytes | llama.cpp ppl | types (tensor count) | embedding | decode tok/s |\n|---:|---:|---:|---|---|---:|")
     for r in rows:

@@ -37,7 +37,8 @@ ap.add_argument("--packed-ablation")
 args = ap.parse_args()
 
 fig, ax = plt.subplots(figsize=(9, 5.5))
-cvxq = lambda r: str(r.get("method", "CVXQ")).startswith("CVXQ") and "decode-speed 0" not in str(r.get("method"))  # noqa: E731
+cvxq = lambda r: str(r.get("method", "CVXQ")).startswith("CVXQ") and not any(  # noqa: E731
+    s in str(r.get("method")) for s in ("decode-speed 0", "session 3"))  # the current default plans only
 if args.gguf:
     curve(ax, rows(args.gguf), "o-", "GGUF in llama.cpp (CVXQ + error feedback)", color="tab:blue")
 if args.gguf_ablation:

@@ -176,3 +176,38 @@ def test_error_feedback_lowers_layer_output_error(tmp_path, tiny_gguf):
         return total
 
     assert output_error(fed) < 0.95 * output_error(plain)
+
+
+def test_speed_limit_keeps_the_modeled_llama_cpp_time(tiny_gguf):
+    """--decode-speed for GGUF: the plan's modeled time per token stays within 1/R of the
+    fastest type mix of the same size, under the same byte budget."""
+    import re
+
+    from cvxq_export.calibrate import CalibrationSettings
+    from cvxq_export.formats import gguf_speed as gs
+    from cvxq_export.formats.gguf_target import build_menu, plan_gguf, tensor_inputs
+    from cvxq_export.model import load_model
+    from cvxq_export.pipeline import calibrate_cached
+
+    loaded = load_model(str(tiny_gguf))
+    sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8), progress=False).sens
+    gmenu = build_menu(tensor_inputs(loaded, sens, loaded.weights), progress=False)
+    names = [t.gguf_name for t in gmenu.inputs]
+    weights = [t.ref.rows * t.ref.cols for t in gmenu.inputs]
+
+    def modeled(plan) -> float:
+        return sum(gs.modeled_us(names, weights, [t.option for t in plan.tensors]).values())
+
+    budget = 4_500_000
+    free, _ = plan_gguf(loaded, sens, budget, gmenu=gmenu, progress=False)
+    assert not free.notes  # no limit asked: no speed note
+    for speed in (0.9, 1.0):
+        timed, _ = plan_gguf(loaded, sens, budget, gmenu=gmenu, progress=False, speed=speed)
+        note = next(n for n in timed.notes if n.startswith("llama.cpp speed: modeled"))
+        limit = float(re.search(r"limit (\d+) us", note).group(1))
+        fastest = float(re.search(r"the fastest file of this size (\d+) us", note).group(1))
+        assert limit == pytest.approx(fastest / speed, abs=1.0)
+        assert modeled(timed) <= limit + 1.0
+        assert timed.total_bytes <= budget
+        assert timed.distortion >= free.distortion  # a limit can only cost accuracy
+    assert modeled(timed) <= modeled(free) + 1e-6

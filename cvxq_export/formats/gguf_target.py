@@ -9,14 +9,13 @@ Q/K row permutation, and is written atomically.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..allocate import Menu, allocate, cost_range
-from ..errors import CvxqError, InfeasibleBudget, missing_extra
+from ..errors import CvxqError, missing_extra
 from ..io import atomic_path
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
 from ..plan import Plan, TensorPlan
@@ -231,21 +230,84 @@ def size_range(loaded: LoadedModel) -> tuple[int, int]:
 
 
 def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
-              gmenu: GGUFMenu | None = None) -> tuple[Plan, GGUFMenu]:
+              gmenu: GGUFMenu | None = None, speed: float | None = None) -> tuple[Plan, GGUFMenu]:
+    """One type per tensor under the byte budget. With ``speed`` R the modeled llama.cpp
+    time per token (:mod:`.gguf_speed`: one decode step plus one prompt token) is kept at
+    most 1/R x that of the fastest file of this size the menu can make."""
     refs = loaded.weights
     fixed = fixed_bytes(loaded)
     if gmenu is None:
         gmenu = build_menu(tensor_inputs(loaded, sens, refs), progress=progress)
     # A budget above the largest file buys the largest file (every tensor at its finest type).
-    alloc = allocate(gmenu.menu, min(budget, cost_range(gmenu.menu, fixed)[1]), fixed)
+    target = min(budget, cost_range(gmenu.menu, fixed)[1])
+    notes = []
+    if speed:
+        alloc, note = _speed_limited(gmenu, target, fixed, speed)
+        notes.append(note)
+    else:
+        alloc = allocate(gmenu.menu, target, fixed)
     tensors = []
     for i, t in enumerate(gmenu.inputs):
         j = int(alloc.choice[i])
         tensors.append(TensorPlan(t.ref.name, t.ref.rows, t.ref.cols, gmenu.columns[j],
                                   bytes=int(gmenu.menu.cost[i, j]), distortion=float(gmenu.menu.distortion[i, j])))
-    plan = Plan("gguf", budget, alloc.cost, fixed, alloc.lam, alloc.distortion, alloc.min_cost, alloc.max_cost,
-                loaded.source.display, sens.model_fingerprint, tensors, "all")
+    distortion = float(gmenu.menu.distortion[np.arange(len(alloc.choice)), alloc.choice].sum())
+    plan = Plan("gguf", budget, alloc.cost, fixed, alloc.lam, distortion, alloc.min_cost, alloc.max_cost,
+                loaded.source.display, sens.model_fingerprint, tensors, "all", notes)
     return plan, gmenu
+
+
+def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
+    """Allocate on distortion + mu x modeled time, mu bisected to the smallest that keeps
+    the time within 1/``speed`` of the fastest plan of this size (a second Lagrange
+    multiplier, as for ONNX). Returns the allocation and a note for the plan."""
+    from .gguf_speed import PHASES, base_us, speed_times_us
+
+    m = gmenu.menu
+    raw = speed_times_us([t.gguf_name for t in gmenu.inputs], [t.ref.rows * t.ref.cols for t in gmenu.inputs],
+                         gmenu.columns, m.legal)  # [n_tensors, n_types] extra us over Q4_0 (may be < 0)
+    floor = np.where(m.legal, raw, np.inf).min(1, keepdims=True)
+    times = np.where(m.legal, raw - floor, 0.0)  # >= 0 per row: the same argmin, a sound "distortion"
+    rows = np.arange(m.cost.shape[0])
+    base = sum(base_us(ph) for ph in PHASES)
+
+    def total(choice) -> float:
+        return base + float(raw[rows, choice].sum())
+
+    d = m.distortion[m.legal]
+    d_scale = float(np.median(d[d > 0])) if (d > 0).any() else 1.0
+    t_scale = float(np.median(times[m.legal][times[m.legal] > 0])) if (times[m.legal] > 0).any() else 1.0
+    # the fastest file of this size: time alone, distortion only breaking ties
+    fastest = allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed)
+    limit = total(fastest.choice) / speed
+
+    def run(mu: float):
+        return allocate(Menu(m.cost, m.distortion + mu * times, m.legal), budget, fixed)
+
+    best = run(0.0)
+    mu = 0.0
+    if total(best.choice) > limit:
+        lo, hi = 0.0, d_scale / t_scale
+        for _ in range(60):
+            cand = run(hi)
+            if total(cand.choice) <= limit:
+                best = cand
+                break
+            lo, hi = hi, hi * 4
+        else:
+            best, hi = fastest, float("inf")
+        for _ in range(18 if np.isfinite(hi) else 0):
+            mid = (lo + hi) / 2 if lo == 0.0 else float(np.sqrt(lo * hi))
+            cand = run(mid)
+            if total(cand.choice) <= limit:
+                hi, best = mid, cand
+            else:
+                lo = mid
+        mu = hi
+    note = (f"llama.cpp speed: modeled {total(best.choice):.0f} us per token (one decode step + one prompt token), "
+            f"the fastest file of this size {total(fastest.choice):.0f} us, limit {limit:.0f} us for >= {speed} x its "
+            f"speed (time multiplier {mu:.4g}; cvxq_export.formats.gguf_speed)")
+    return best, note
 
 
 @dataclass
@@ -278,6 +340,19 @@ def write_float_gguf(loaded: LoadedModel, path: str | Path, *, type_name: str = 
     return _write_file(loaded, inputs, {t.ref.name: type_name for t in inputs}, path, _provenance(None), progress=progress)
 
 
+def add_tensor_data(writer, t: GGUFTensorInput, type_name: str, raw: np.ndarray | None) -> None:
+    """One weight into a GGUFWriter: float16 when ``raw`` is None, else ``raw``
+    [rows, row_bytes] uint8 of ``type_name``."""
+    gguf = _gguf()
+    if raw is None:
+        writer.add_tensor(t.gguf_name, t.weight.astype(np.float16))
+    elif ggml_quant.gguf_py_knows(type_name):
+        writer.add_tensor(t.gguf_name, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+    else:  # a type newer than gguf-py's enum: give the shape and the raw type id ourselves
+        writer.add_tensor(t.gguf_name, raw.view(np.int8), raw_shape=(t.ref.rows, t.ref.cols),
+                          raw_dtype=ggml_quant.type_id(type_name))
+
+
 def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[str, str], path: str | Path,
                 extra: dict, *, progress: bool = True, hessians: dict[str, np.ndarray] | None = None) -> GGUFResult:
     from tqdm.auto import tqdm
@@ -298,13 +373,7 @@ def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[
             else:
                 raw, deq = quantize_dequantize(type_name, t)
             dequantized[t.ref.name] = unpermute(deq, t.heads) if t.heads else deq
-            if raw is None:
-                writer.add_tensor(t.gguf_name, t.weight.astype(np.float16))
-            elif ggml_quant.gguf_py_knows(type_name):
-                writer.add_tensor(t.gguf_name, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
-            else:  # a type newer than gguf-py's enum: give the shape and the raw type id ourselves
-                writer.add_tensor(t.gguf_name, raw.view(np.int8), raw_shape=(t.ref.rows, t.ref.cols),
-                                  raw_dtype=ggml_quant.type_id(type_name))
+            add_tensor_data(writer, t, type_name, raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -350,18 +419,28 @@ def _rd_curve(gmenu: GGUFMenu, plan: Plan, loaded: LoadedModel) -> dict:
     return rd_curve(gmenu.menu, plan.fixed_bytes, plan.budget_bytes, cost_bits=False, chosen=chosen).to_dict()
 
 
+def _modeled_speed(gmenu: GGUFMenu, plan: Plan) -> dict[str, float]:
+    """The plan's modeled llama.cpp microseconds per decode step and per prompt token."""
+    from .gguf_speed import modeled_us
+
+    return modeled_us([t.gguf_name for t in gmenu.inputs], [t.ref.rows * t.ref.cols for t in gmenu.inputs],
+                      [t.option for t in plan.tensors])
+
+
 def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_windows: np.ndarray | None = None,
-                progress: bool = True, plan: Plan | None = None, hessians: dict[str, np.ndarray] | None = None) -> dict:
+                progress: bool = True, plan: Plan | None = None, hessians: dict[str, np.ndarray] | None = None,
+                speed: float | None = None) -> dict:
     """Plan, write, read back, and check in llama.cpp against PyTorch. The
     model's weights are left set to the GGUF's dequantized values.
-    ``hessians`` (see :func:`pipeline.input_hessians`) turns on error feedback."""
+    ``hessians`` (see :func:`pipeline.input_hessians`) turns on error feedback;
+    ``speed`` limits the modeled llama.cpp time (:func:`plan_gguf`)."""
     import torch
 
     from ..evaluate import evaluate
 
     gmenu = build_menu(tensor_inputs(loaded, sens, loaded.weights), progress=progress)
     if plan is None:
-        plan, gmenu = plan_gguf(loaded, sens, budget, progress=progress, gmenu=gmenu)
+        plan, gmenu = plan_gguf(loaded, sens, budget, progress=progress, gmenu=gmenu, speed=speed)
     plan.save(out_dir / "plan.json")
     result = write_gguf(loaded, plan, gmenu, out_dir / "model.gguf", progress=progress, hessians=hessians)
     checked = read_back_check(result, gmenu)["llama_cpp_dequantizer"]
@@ -380,7 +459,8 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
             "error_feedback": bool(hessians),
             "rd_curve": _rd_curve(gmenu, plan, loaded),
             "source_grid_note": ("Q4_1 reproduces SmolLM2's source grid (lossless for Q4_1 tensors)" if "Q4_1" in types else None),
-            "bias_correction": "not exported: llama.cpp's llama architecture loads no bias tensors for these projections"}
+            "bias_correction": "not exported: llama.cpp's llama architecture loads no bias tensors for these projections",
+            "modeled_llama_cpp_us": _modeled_speed(gmenu, plan)}
     if eval_windows is not None:
         from .llama_eval import llama_generate, llama_perplexity
 
