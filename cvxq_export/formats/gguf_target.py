@@ -9,7 +9,7 @@ Q/K row permutation, and is written atomically.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -304,10 +304,39 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
             else:
                 lo = mid
         mu = hi
+    # one type per tensor makes the Lagrangian jump (many tensors switch at one mu), so the
+    # plan found can sit well under both the time limit and the byte budget: fill that slack
+    choice, repaired = _fill_slack(m, best.choice, times, limit - total(best.choice), budget - fixed)
+    if repaired:
+        best = replace(best, choice=choice, cost=fixed + int(m.cost[rows, choice].sum()),
+                       distortion=float(m.distortion[rows, choice].sum()))
     note = (f"llama.cpp speed: modeled {total(best.choice):.0f} us per token (one decode step + one prompt token), "
             f"the fastest file of this size {total(fastest.choice):.0f} us, limit {limit:.0f} us for >= {speed} x its "
             f"speed (time multiplier {mu:.4g}; cvxq_export.formats.gguf_speed)")
     return best, note
+
+
+def _fill_slack(m: Menu, choice: np.ndarray, times: np.ndarray, time_left: float, bytes_cap: int):
+    """Greedy: while a move of one tensor to another type lowers distortion and fits the
+    time and bytes left, take the one with the most distortion saved per microsecond
+    added (a move that saves time too comes first). Returns the choice and the moves made."""
+    rows = np.arange(len(choice))
+    choice = choice.copy()
+    bytes_left = bytes_cap - int(m.cost[rows, choice].sum())
+    moves = 0
+    while True:
+        d_gain = m.distortion[rows, choice][:, None] - m.distortion  # [n, types] > 0: better
+        dt = times - times[rows, choice][:, None]
+        db = m.cost - m.cost[rows, choice][:, None]
+        ok = m.legal & (d_gain > 0) & (dt <= time_left) & (db <= bytes_left)
+        if not ok.any():
+            return choice, moves
+        score = np.where(ok, d_gain / np.maximum(dt, 1e-9), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        time_left -= float(dt[i, j])
+        bytes_left -= int(db[i, j])
+        choice[i] = j
+        moves += 1
 
 
 @dataclass
