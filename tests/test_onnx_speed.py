@@ -119,6 +119,12 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     # a speed ratio goes through ORT's RTN reference of the same size
     rel, _ = ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False, qmenu=qmenu, decode_speed=0.9)
     assert any("decode-speed reference: ORT RTN" in n for n in rel.notes)
+    # a limit no plan can meet (the calls alone exceed it) is a clear error, not a long search
+    from cvxq_export.errors import CvxqError
+
+    with pytest.raises(CvxqError, match="no plan of this size is modeled under the decode-time limit") as exc:
+        ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False, qmenu=qmenu, decode_limit_us=1.0)
+    assert "lower --decode-speed" in exc.value.fix
 
 
 def test_cli_rejects_a_negative_decode_speed(capsys, tmp_path, tiny_llama_dir):

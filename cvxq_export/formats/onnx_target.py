@@ -276,14 +276,23 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
     d = qmenu.menu.distortion[legal]
     scale = float(np.median(d[d > 0])) / max(float(np.median(times[legal][times[legal] > 0])), 1e-12)
     lo, hi = 0.0, scale
-    for _ in range(60):  # grow until the limit holds (the fastest plan drops groups: it always does)
+    fastest, stale = t, 0
+    for _ in range(60):  # grow until the limit holds, or until more weight on time stops helping
         r, t = run(hi)
         if t <= limit_us:
             best, best_t = r, t
             break
+        stale = stale + 1 if t > fastest * 0.999 else 0
+        fastest = min(fastest, t)
+        if stale >= 4:  # 4^4 x more weight on time bought nothing: the calls alone exceed the limit
+            break
         lo, hi = hi, hi * 4
     else:
-        raise CvxqError(f"no plan found under the decode-time limit {limit_us:.0f} us", "raise the limit")
+        stale = 4
+    if stale >= 4:
+        raise CvxqError(f"no plan of this size is modeled under the decode-time limit {limit_us:.0f} us "
+                        f"(the fastest found: {fastest:.0f} us)",
+                        "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
     for _ in range(14 if lo == 0.0 else 18):  # bisect mu in log space: ~1 % in mu
         mid = (lo + hi) / 2 if lo == 0.0 else float(np.sqrt(lo * hi))
         r, t = run(mid)
