@@ -34,7 +34,6 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from cvxq_export.formats import ggml_quant
 from cvxq_export.formats.gguf_target import (FLOAT_TYPES, _add_metadata, _gguf, _skeleton, add_tensor_data,
                                              legal_types, tensor_inputs)
+from cvxq_export.formats.llama_eval import timed_greedy_run
 from cvxq_export.model import load_model
 
 BASE = "Q4_0"
@@ -98,15 +98,8 @@ def jobs_for(inputs, types: list[str]) -> dict[str, dict[str, str]]:
 
 def one_run(llm, prompt: list[int], n_decode: int) -> tuple[float, float]:
     """(prefill us per prompt token, decode us per token) for one prompt + greedy tokens."""
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    t1 = time.perf_counter()
-    for _ in range(n_decode):
-        last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-        llm.eval([int(np.argmax(last))])
-    t2 = time.perf_counter()
-    return (t1 - t0) / len(prompt) * 1e6, (t2 - t1) / n_decode * 1e6
+    prefill_s, decode_s = timed_greedy_run(llm, prompt, n_decode)
+    return prefill_s / len(prompt) * 1e6, decode_s / n_decode * 1e6
 
 
 def time_files(paths: dict[str, Path], rounds: int, n_decode: int, threads: int) -> dict[str, dict]:

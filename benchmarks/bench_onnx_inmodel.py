@@ -197,6 +197,17 @@ def fit_costs(keys: list[str], x: np.ndarray, y: np.ndarray, lin_names: list[str
     return fit
 
 
+def fit_measurements(rows: dict[str, dict], x_rows: dict[str, np.ndarray], lin_names: list[str],
+                     head_names: list[str]) -> dict:
+    """Step times from the measured ratios (x the anchor's best step) -> :func:`fit_costs`."""
+    anchor_us = min(rows["anchor"]["best_us"])
+    keys = list(x_rows)
+    y = np.array([anchor_us if k == "anchor" else rows[k]["ratio"] * anchor_us for k in keys])
+    fit = fit_costs(keys, np.stack([x_rows[k] for k in keys]), y, lin_names, head_names)
+    fit["anchor_us"] = anchor_us
+    return fit
+
+
 def write_table(path: Path, fit: dict, meta: dict) -> None:
     table = json.loads(path.read_text())
     for name, ns in fit["linear_ns_per_weight"].items():
@@ -268,11 +279,7 @@ def main() -> None:
         names = old["feature_names"]
         lin_names = [n for n in names[1:] if not n.startswith("head:") and n not in ("calls", "offset_products", "dropped")]
         head_names = [n[5:] for n in names if n.startswith("head:")]
-        anchor_us = min(old["rows"]["anchor"]["best_us"])
-        keys = list(old["features"])
-        y = np.array([anchor_us if k == "anchor" else old["rows"][k]["ratio"] * anchor_us for k in keys])
-        fit = fit_costs(keys, np.array([old["features"][k] for k in keys]), y, lin_names, head_names)
-        fit["anchor_us"] = anchor_us
+        fit = fit_measurements(old["rows"], {k: np.array(v) for k, v in old["features"].items()}, lin_names, head_names)
         meta = {k: old[k] for k in ("about", "models", "mixed", "rounds", "steps", "threads", "layers")}
         if args.json:
             Path(args.json).write_text(json.dumps({**old, "fit": fit}, indent=1))
@@ -325,11 +332,8 @@ def main() -> None:
             for key, p in paths.items():
                 if key != "anchor":
                     p.unlink()
-    anchor_us = min(rows["anchor"]["best_us"])
+    fit = fit_measurements(rows, x_rows, lin_names, head_names)
     keys = list(x_rows)
-    y = np.array([anchor_us if k == "anchor" else rows[k]["ratio"] * anchor_us for k in keys])
-    fit = fit_costs(keys, np.stack([x_rows[k] for k in keys]), y, lin_names, head_names)
-    fit["anchor_us"] = anchor_us
     meta = {"about": "costs fitted over whole SmolLM2-shaped decoders (benchmarks/bench_onnx_inmodel.py)",
             "models": len(keys), "mixed": args.mixed, "rounds": args.rounds, "steps": args.steps,
             "threads": args.threads, "layers": loaded.config.num_hidden_layers}

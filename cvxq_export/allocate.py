@@ -32,6 +32,7 @@ hull is built in chunks of units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -321,3 +322,38 @@ def allocate(menu: Menu, budget: int, fixed_cost: int = 0, *, unit: str = "bytes
         raise AssertionError(f"allocator overspent: {cost} > {budget}")
     distortion = float(menu.distortion[rows, choice].sum())
     return Allocation(choice, lam, cost, distortion, min_cost, max_cost, budget)
+
+
+def smallest_multiplier(run: Callable[[float], tuple[Any, float]], limit: float, start: float, *,
+                        stale_growths: int | None = None, steps_from_zero: int = 14, steps: int = 18):
+    """The second Lagrange multiplier of a plan under a limit on a separable penalty (time):
+    ``run(mu)`` -> (plan, its penalty), the penalty non-increasing in ``mu`` as a
+    Lagrangian's is. ``mu`` grows from ``start`` 4x at a time until the limit holds, then is
+    bisected (linearly when ``start`` already met it, else in log space, ~1 %) to the
+    smallest that does. Returns (plan, mu, penalty); (None, inf, lowest penalty seen) when
+    60 growths, or ``stale_growths`` in a row that lower the penalty by under 0.1 %, never
+    meet the limit."""
+    best, t = run(0.0)
+    if t <= limit:
+        return best, 0.0, t
+    lowest, stale, lo, hi = t, 0, 0.0, start
+    for _ in range(60):
+        r, t = run(hi)
+        if t <= limit:
+            best, best_t = r, t
+            break
+        stale = stale + 1 if t > lowest * 0.999 else 0
+        lowest = min(lowest, t)
+        if stale_growths is not None and stale >= stale_growths:
+            return None, float("inf"), lowest
+        lo, hi = hi, hi * 4
+    else:
+        return None, float("inf"), lowest
+    for _ in range(steps_from_zero if lo == 0.0 else steps):
+        mid = (lo + hi) / 2 if lo == 0.0 else float(np.sqrt(lo * hi))
+        r, t = run(mid)
+        if t <= limit:
+            hi, best, best_t = mid, r, t
+        else:
+            lo = mid
+    return best, hi, best_t

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..allocate import Menu, allocate, cost_range
+from ..allocate import Menu, allocate, cost_range, smallest_multiplier
 from ..errors import CvxqError, missing_extra
 from ..io import atomic_path
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
@@ -282,28 +282,12 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
     limit = total(fastest.choice) / speed
 
     def run(mu: float):
-        return allocate(Menu(m.cost, m.distortion + mu * times, m.legal), budget, fixed)
+        alloc = allocate(Menu(m.cost, m.distortion + mu * times, m.legal), budget, fixed)
+        return alloc, total(alloc.choice)
 
-    best = run(0.0)
-    mu = 0.0
-    if total(best.choice) > limit:
-        lo, hi = 0.0, d_scale / t_scale
-        for _ in range(60):
-            cand = run(hi)
-            if total(cand.choice) <= limit:
-                best = cand
-                break
-            lo, hi = hi, hi * 4
-        else:
-            best, hi = fastest, float("inf")
-        for _ in range(18 if np.isfinite(hi) else 0):
-            mid = (lo + hi) / 2 if lo == 0.0 else float(np.sqrt(lo * hi))
-            cand = run(mid)
-            if total(cand.choice) <= limit:
-                hi, best = mid, cand
-            else:
-                lo = mid
-        mu = hi
+    best, mu, _ = smallest_multiplier(run, limit, d_scale / t_scale, steps_from_zero=18)
+    if best is None:  # not reached by any multiplier tried: the fastest plan itself
+        best = fastest
     # one type per tensor makes the Lagrangian jump (many tensors switch at one mu), so the
     # plan found can sit well under both the time limit and the byte budget: fill that slack
     choice, repaired = _fill_slack(m, best.choice, times, limit - total(best.choice), budget - fixed)

@@ -46,6 +46,20 @@ def llama_generate(path: str, prompt: str, n_tokens: int = 16) -> tuple[str, flo
     return text, out["usage"]["completion_tokens"] / max(elapsed, 1e-9)
 
 
+def timed_greedy_run(llm, prompt_ids: list[int], n_tokens: int) -> tuple[float, float]:
+    """One run on a loaded ``llama_cpp.Llama`` from an empty cache: (seconds to evaluate the
+    prompt, seconds for ``n_tokens`` greedy tokens evaluated one by one)."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt_ids)
+    t1 = time.perf_counter()
+    for _ in range(n_tokens):
+        # logits of the last evaluated token, straight from the context: [n_vocab]
+        last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        llm.eval([int(np.argmax(last))])
+    return t1 - t0, time.perf_counter() - t1
+
+
 def llama_speed(path: str, prompt_ids: list[int], n_tokens: int = 128, *, threads: int = 2,
                 repeats: int = 3) -> dict[str, float]:
     """Prefill and greedy-decode throughput in llama.cpp (tokens/s, median of ``repeats``).
@@ -62,16 +76,8 @@ def llama_speed(path: str, prompt_ids: list[int], n_tokens: int = 128, *, thread
                 n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, logits_all=False)
     prefill, decode = [], []
     for _ in range(repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt_ids)
-        t1 = time.perf_counter()
-        for _ in range(n_tokens):
-            # logits of the last evaluated token, straight from the context: [n_vocab]
-            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-            llm.eval([int(np.argmax(last))])
-        t2 = time.perf_counter()
-        prefill.append(len(prompt_ids) / (t1 - t0))
-        decode.append(n_tokens / (t2 - t1))
+        prefill_s, decode_s = timed_greedy_run(llm, prompt_ids, n_tokens)
+        prefill.append(len(prompt_ids) / prefill_s)
+        decode.append(n_tokens / decode_s)
     return {"prefill_tok_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode)), "threads": threads,
             "prompt_tokens": len(prompt_ids), "decode_tokens": n_tokens}

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..allocate import Menu, allocate, cost_range
+from ..allocate import Menu, allocate, cost_range, smallest_multiplier
 from ..errors import CvxqError, InfeasibleBudget, missing_extra
 from ..io import atomic_path
 from ..model import LoadedModel, WeightRef
@@ -269,38 +269,16 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
         # calls and splits are charged on the whole plan: mu rises until all of it fits
         return r, plan_time_us(qmenu.tensors, r.choice, times)
 
-    best, t = run(0.0)
-    if t <= limit_us:
-        return best, 0.0, t
     legal = qmenu.menu.legal
     d = qmenu.menu.distortion[legal]
     scale = float(np.median(d[d > 0])) / max(float(np.median(times[legal][times[legal] > 0])), 1e-12)
-    lo, hi = 0.0, scale
-    fastest, stale = t, 0
-    for _ in range(60):  # grow until the limit holds, or until more weight on time stops helping
-        r, t = run(hi)
-        if t <= limit_us:
-            best, best_t = r, t
-            break
-        stale = stale + 1 if t > fastest * 0.999 else 0
-        fastest = min(fastest, t)
-        if stale >= 4:  # 4^4 x more weight on time bought nothing: the calls alone exceed the limit
-            break
-        lo, hi = hi, hi * 4
-    else:
-        stale = 4
-    if stale >= 4:
+    # more weight on time stops helping when the calls alone exceed the limit: 4 stale growths end it
+    best, mu, t = smallest_multiplier(run, limit_us, scale, stale_growths=4)
+    if best is None:
         raise CvxqError(f"no plan of this size is modeled under the decode-time limit {limit_us:.0f} us "
-                        f"(the fastest found: {fastest:.0f} us)",
+                        f"(the fastest found: {t:.0f} us)",
                         "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
-    for _ in range(14 if lo == 0.0 else 18):  # bisect mu in log space: ~1 % in mu
-        mid = (lo + hi) / 2 if lo == 0.0 else float(np.sqrt(lo * hi))
-        r, t = run(mid)
-        if t <= limit_us:
-            hi, best, best_t = mid, r, t
-        else:
-            lo = mid
-    return best, hi, best_t
+    return best, mu, t
 
 
 def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAULT_COL_GROUP,
