@@ -118,7 +118,13 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     assert any("decode time: products, calls and splits modeled" in n for n in timed.notes)
     # a speed ratio goes through ORT's RTN reference of the same size
     rel, _ = ot.plan_onnx(loaded, sens, budget, col_group=32, progress=False, qmenu=qmenu, decode_speed=0.9)
-    assert any("decode-speed reference: ORT RTN" in n for n in rel.notes)
+    note = next(n for n in rel.notes if "decode-speed reference: ORT RTN" in n)
+    assert f"planned at {sp.planned_speed(0.9):.3f} x modeled" in note  # the margin for the model's scatter
+    assert sp.planned_speed(0.9) > 0.9
+    # tied siblings: q/k/v (and gate/up) get one option set, so they fuse into one call
+    sets = ot._allowed_sets(qmenu, np.concatenate([t.unit_map for t in free.tensors]).astype(int), 1, False, True)
+    for name, keep in sets.items():
+        assert keep == sets[sp.fusion_key(name)] and len(keep) == 1
     # a limit no plan can meet (the calls alone exceed it) is a clear error, not a long search
     from cvxq_export.errors import CvxqError
 

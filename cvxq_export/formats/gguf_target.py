@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..allocate import Menu, allocate, cost_range, smallest_multiplier
-from ..errors import CvxqError, missing_extra
+from ..errors import CvxqError, InfeasibleBudget, missing_extra
 from ..io import atomic_path
+from ..local_search import best_polished
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
 from ..plan import Plan, TensorPlan
 from . import ggml_feedback, ggml_quant
@@ -260,7 +261,11 @@ def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
 def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
     """Allocate on distortion + mu x modeled time, mu bisected to the smallest that keeps
     the time within 1/``speed`` of the fastest plan of this size (a second Lagrange
-    multiplier, as for ONNX). Returns the allocation and a note for the plan."""
+    multiplier, as for ONNX), then single-tensor moves (:mod:`..local_search`). The
+    largest tensor (the tied embedding: a third of a small model's bytes) is searched at
+    each of its types in turn: its type moves bytes and time by so much that the rest of
+    the plan must be re-balanced around it, which single moves cannot do.
+    Returns the allocation and a note for the plan."""
     from .gguf_speed import PHASES, base_us, speed_times_us
 
     m = gmenu.menu
@@ -277,50 +282,50 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
     d = m.distortion[m.legal]
     d_scale = float(np.median(d[d > 0])) if (d > 0).any() else 1.0
     t_scale = float(np.median(times[m.legal][times[m.legal] > 0])) if (times[m.legal] > 0).any() else 1.0
-    # the fastest file of this size: time alone, distortion only breaking ties
-    fastest = allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed)
+
+    def fastest_of(menu: Menu):  # time alone, distortion only breaking ties
+        return allocate(Menu(menu.cost, times / t_scale + 1e-9 * menu.distortion / d_scale, menu.legal), budget, fixed)
+
+    fastest = fastest_of(m)  # the reference: the fastest file of this size
     limit = total(fastest.choice) / speed
+    time_cap = limit - base - float(floor.sum())  # the limit in the units of ``times``
 
-    def run(mu: float):
-        alloc = allocate(Menu(m.cost, m.distortion + mu * times, m.legal), budget, fixed)
-        return alloc, total(alloc.choice)
+    def search(menu: Menu):
+        """(best choice, the byte and time multipliers it started from) on ``menu``, or
+        (None, nan, inf) when nothing fits."""
+        try:
+            visited = [(fastest_of(menu), float("inf"))]  # every Lagrangian point seen: local-search starts
+        except InfeasibleBudget:  # this restriction cannot make a file of this size
+            return None, float("nan"), float("inf")
 
-    best, mu, _ = smallest_multiplier(run, limit, d_scale / t_scale, steps_from_zero=18)
-    if best is None:  # not reached by any multiplier tried: the fastest plan itself
-        best = fastest
-    # one type per tensor makes the Lagrangian jump (many tensors switch at one mu), so the
-    # plan found can sit well under both the time limit and the byte budget: fill that slack
-    choice, repaired = _fill_slack(m, best.choice, times, limit - total(best.choice), budget - fixed)
-    if repaired:
-        best = replace(best, choice=choice, cost=fixed + int(m.cost[rows, choice].sum()),
-                       distortion=float(m.distortion[rows, choice].sum()))
-    note = (f"llama.cpp speed: modeled {total(best.choice):.0f} us per token (one decode step + one prompt token), "
+        def run(mu: float):
+            alloc = allocate(Menu(menu.cost, menu.distortion + mu * times, menu.legal), budget, fixed)
+            visited.append((alloc, mu))
+            return alloc, total(alloc.choice)
+
+        smallest_multiplier(run, limit, d_scale / t_scale, steps_from_zero=18)
+        # One type per tensor makes the Lagrangian jump (many tensors switch at one mu): the
+        # plan just under the limit can sit far under both limits; single-tensor moves from
+        # every point visited (repair those over the limit, fill the slack) find better ones.
+        choice, k = best_polished(menu, [a.choice for a, _ in visited], times, time_cap, budget - fixed)
+        return (None, float("nan"), float("inf")) if choice is None else (choice, visited[k][0].lam, visited[k][1])
+
+    big = int(np.argmax([t.ref.rows * t.ref.cols for t in gmenu.inputs]))
+    best, best_lam, best_mu = fastest.choice, fastest.lam, float("inf")
+    best_d = float(m.distortion[rows, best].sum())
+    for j in np.flatnonzero(m.legal[big]):
+        legal = m.legal.copy()
+        legal[big] = False
+        legal[big, j] = True
+        choice, lam, mu = search(Menu(m.cost, m.distortion, legal))
+        if choice is not None and float(m.distortion[rows, choice].sum()) < best_d:
+            best, best_lam, best_mu, best_d = choice, lam, mu, float(m.distortion[rows, choice].sum())
+    alloc = replace(fastest, choice=best, cost=fixed + int(m.cost[rows, best].sum()), distortion=best_d, lam=best_lam)
+    note = (f"llama.cpp speed: modeled {total(best):.0f} us per token (one decode step + one prompt token), "
             f"the fastest file of this size {total(fastest.choice):.0f} us, limit {limit:.0f} us for >= {speed} x its "
-            f"speed (time multiplier {mu:.4g}; cvxq_export.formats.gguf_speed)")
-    return best, note
-
-
-def _fill_slack(m: Menu, choice: np.ndarray, times: np.ndarray, time_left: float, bytes_cap: int):
-    """Greedy: while a move of one tensor to another type lowers distortion and fits the
-    time and bytes left, take the one with the most distortion saved per microsecond
-    added (a move that saves time too comes first). Returns the choice and the moves made."""
-    rows = np.arange(len(choice))
-    choice = choice.copy()
-    bytes_left = bytes_cap - int(m.cost[rows, choice].sum())
-    moves = 0
-    while True:
-        d_gain = m.distortion[rows, choice][:, None] - m.distortion  # [n, types] > 0: better
-        dt = times - times[rows, choice][:, None]
-        db = m.cost - m.cost[rows, choice][:, None]
-        ok = m.legal & (d_gain > 0) & (dt <= time_left) & (db <= bytes_left)
-        if not ok.any():
-            return choice, moves
-        score = np.where(ok, d_gain / np.maximum(dt, 1e-9), -np.inf)
-        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
-        time_left -= float(dt[i, j])
-        bytes_left -= int(db[i, j])
-        choice[i] = j
-        moves += 1
+            f"speed (from the Lagrangian point at time multiplier {best_mu:.4g} with {gmenu.inputs[big].gguf_name} "
+            f"at {gmenu.columns[best[big]]}, then single-tensor moves; cvxq_export.formats.gguf_speed)")
+    return alloc, note
 
 
 @dataclass
