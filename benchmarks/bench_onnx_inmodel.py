@@ -31,10 +31,19 @@ and ``graph_us_per_layer`` into ``cvxq_export/formats/onnx_decode_costs.json``.
     python benchmarks/bench_onnx_inmodel.py --mixed 48 --json docs/bench_onnx_inmodel.json \
         --write-table cvxq_export/formats/onnx_decode_costs.json
     python benchmarks/bench_onnx_inmodel.py --validate A.onnx B.onnx ...   # measured step times of real files
+
+``--plan-variants PLAN.json`` times a real fit's plan (random codes) against the anchor
+with its 8-bit linears, its offset linears or its head moved to the anchor's option,
+and a uniform 4-bit block-32 plan: what each choice the planner made costs. Those
+models are where the table must be right (the planner goes where the table says time
+is cheap: a table whose per-call cost was too high let the 108.8 MB plan buy fused
+calls with offsets and measure 0.86x RTN where it modeled 0.95x). ``--refit OLD.json
+--extra VARIANTS.json`` fits them with the others, each ``--extra-weight`` times.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import gc
 import json
 import statistics
@@ -126,6 +135,33 @@ def random_plan(rng, loaded, lin_options: list[QdqOption], head_options: list[Qd
     return out, head_options[int(rng.integers(len(head_options)))]
 
 
+def plan_variants(plan_path: Path, anchor: QdqOption) -> list[tuple[str, dict[str, QdqOption], QdqOption, int]]:
+    """A real fit's plan (one option per matrix, as the speed-limited planner writes) and
+    the variants that say what each of its choices costs: its 8-bit linears, its offset
+    linears, its head at ``anchor``; and a uniform 4-bit block-32 asymmetric plan (ORT's
+    RTN grid in our graph)."""
+    plan = json.loads(plan_path.read_text())
+    opts, head = {}, None
+    for t in plan["tensors"]:
+        used = set(np.frombuffer(base64.b64decode(t["unit_map"]), np.uint8).tolist())
+        if len(used) != 1:
+            raise SystemExit(f"{t['name']} is split ({sorted(used)}): variants need one option per matrix")
+        o = OPTIONS[used.pop()]
+        if t["name"].endswith("embed_tokens.weight"):
+            head = o
+        else:
+            opts[t["name"]] = o
+
+    def swap(pred) -> dict[str, QdqOption]:
+        return {k: anchor if pred(o) else o for k, o in opts.items()}
+
+    b32 = QdqOption(4, 32, "asym")
+    return [("variant:plan", opts, head, 1), ("variant:head-at-anchor", opts, anchor, 1),
+            ("variant:8bit-at-anchor", swap(lambda o: o.bits == 8), head, 1),
+            ("variant:offsets-at-anchor", swap(lambda o: o.kind == "offset"), head, 1),
+            ("variant:uniform-uint4-b32-asym", {k: b32 for k in opts}, b32, 1)]
+
+
 def build_plan_model(loaded, options: dict[str, QdqOption], head_option: QdqOption, seed: int = 0,
                      vocab_fraction: int = 1):
     """A SmolLM2-shaped decoder with one option per matrix (ZERO: dropped), random codes."""
@@ -177,9 +213,18 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
-def fit_costs(keys: list[str], x: np.ndarray, y: np.ndarray, lin_names: list[str], head_names: list[str]) -> dict:
-    """The non-negative least-squares fit of the step times ``y`` on the features ``x``."""
-    coef = nnls(x, y)
+def fit_costs(keys: list[str], x: np.ndarray, y: np.ndarray, lin_names: list[str], head_names: list[str],
+              weights: np.ndarray | None = None, call_us: float | None = None) -> dict:
+    """The non-negative least-squares fit of the step times ``y`` on the features ``x``,
+    on relative errors (step times span 2x; a ratio to the anchor is what was measured),
+    each model's row scaled by ``weights`` (default 1); ``call_us`` pins the per-call cost."""
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
+    ci = x.shape[1] - 3  # the calls column
+    if call_us is None:
+        coef = nnls(x / y[:, None] * w[:, None], w)
+    else:  # the per-call cost pinned: it and the per-weight costs are nearly collinear
+        rest = np.delete(x, ci, axis=1)
+        coef = np.insert(nnls(rest / y[:, None] * w[:, None], (y - call_us * x[:, ci]) / y * w), ci, call_us)
     pred = x @ coef
     n_l, n_h = len(lin_names), len(head_names)
     fit = {"graph_us": coef[0],
@@ -198,12 +243,14 @@ def fit_costs(keys: list[str], x: np.ndarray, y: np.ndarray, lin_names: list[str
 
 
 def fit_measurements(rows: dict[str, dict], x_rows: dict[str, np.ndarray], lin_names: list[str],
-                     head_names: list[str]) -> dict:
+                     head_names: list[str], weights: dict[str, float] | None = None,
+                     call_us: float | None = None) -> dict:
     """Step times from the measured ratios (x the anchor's best step) -> :func:`fit_costs`."""
     anchor_us = min(rows["anchor"]["best_us"])
     keys = list(x_rows)
     y = np.array([anchor_us if k == "anchor" else rows[k]["ratio"] * anchor_us for k in keys])
-    fit = fit_costs(keys, np.stack([x_rows[k] for k in keys]), y, lin_names, head_names)
+    w = np.array([(weights or {}).get(k, 1.0) for k in keys])
+    fit = fit_costs(keys, np.stack([x_rows[k] for k in keys]), y, lin_names, head_names, w, call_us)
     fit["anchor_us"] = anchor_us
     return fit
 
@@ -263,6 +310,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--write-table", default=None)
     ap.add_argument("--refit", default=None, help="a JSON this script wrote: fit again from its measurements")
+    ap.add_argument("--extra", nargs="*", default=[], help="with --refit: JSONs of --plan-variants runs to fit too")
+    ap.add_argument("--extra-weight", type=float, default=3.0,
+                    help="weight of each --extra model in the fit (they probe what the planner exploits)")
+    ap.add_argument("--call-us", type=float, default=None,
+                    help="pin the per-MatMulNBits-call cost (us) instead of fitting it: calls and per-weight costs "
+                         "are nearly collinear and a free fit put per-weight time into calls (18 us, where ORT's "
+                         "unfused RTN graph, 90 calls more than our fused one, is only ~3 %% slower: ~3 us a call)")
+    ap.add_argument("--plan-variants", default=None,
+                    help="a plan.json of a real ONNX fit: time it (random codes) and variants with its 8-bit "
+                         "linears / offsets / head at the anchor's option against the anchor")
     ap.add_argument("--validate", nargs="*", default=None, help="real .onnx files: measured step time only")
     args = ap.parse_args()
 
@@ -279,10 +336,20 @@ def main() -> None:
         names = old["feature_names"]
         lin_names = [n for n in names[1:] if not n.startswith("head:") and n not in ("calls", "offset_products", "dropped")]
         head_names = [n[5:] for n in names if n.startswith("head:")]
-        fit = fit_measurements(old["rows"], {k: np.array(v) for k, v in old["features"].items()}, lin_names, head_names)
+        rows, x_rows, weights = dict(old["rows"]), {k: np.array(v) for k, v in old["features"].items()}, {}
+        for path in args.extra:  # measured against their own anchor: the ratios carry over
+            extra = json.loads(Path(path).read_text())
+            assert extra["feature_names"] == names, f"{path}: other feature columns"
+            for k, v in extra["features"].items():
+                if k != "anchor":
+                    rows[k], x_rows[k], weights[k] = extra["rows"][k], np.array(v), args.extra_weight
+        fit = fit_measurements(rows, x_rows, lin_names, head_names, weights, args.call_us)
         meta = {k: old[k] for k in ("about", "models", "mixed", "rounds", "steps", "threads", "layers")}
+        meta.update(models=len(x_rows), extra=[str(p) for p in args.extra], extra_weight=args.extra_weight,
+                    call_us_pinned=args.call_us)
         if args.json:
-            Path(args.json).write_text(json.dumps({**old, "fit": fit}, indent=1))
+            Path(args.json).write_text(json.dumps({**old, "fit": fit, "extra": meta["extra"],
+                                                   "extra_weight": args.extra_weight}, indent=1))
         if args.write_table:
             write_table(Path(args.write_table), fit, meta)
         return
@@ -305,6 +372,8 @@ def main() -> None:
     for i in range(args.mixed):
         opts, ho = random_plan(rng, loaded, lin_opts, head_opts, args.p_zero)
         specs.append((f"mixed:{i}", opts, ho, 1))
+    if args.plan_variants:  # only the anchor and the plan's variants
+        specs = specs[:1] + plan_variants(Path(args.plan_variants), anchor_opt)
     rows: dict[str, dict] = {}
     x_rows = {}
     with tempfile.TemporaryDirectory(prefix="cvxq-inmodel-") as tmp:
@@ -332,10 +401,10 @@ def main() -> None:
             for key, p in paths.items():
                 if key != "anchor":
                     p.unlink()
-    fit = fit_measurements(rows, x_rows, lin_names, head_names)
+    fit = fit_measurements(rows, x_rows, lin_names, head_names, None, args.call_us)
     keys = list(x_rows)
     meta = {"about": "costs fitted over whole SmolLM2-shaped decoders (benchmarks/bench_onnx_inmodel.py)",
-            "models": len(keys), "mixed": args.mixed, "rounds": args.rounds, "steps": args.steps,
+            "models": len(keys), "mixed": 0 if args.plan_variants else args.mixed, "rounds": args.rounds, "steps": args.steps,
             "threads": args.threads, "layers": loaded.config.num_hidden_layers}
     if args.json:
         Path(args.json).write_text(json.dumps({**meta, "fit": fit, "rows": rows,

@@ -10,7 +10,14 @@ Decoding one token runs every fused MatMulNBits at one activation row. The model
 fitted by ``benchmarks/bench_onnx_inmodel.py`` (least squares over ~80 whole
 SmolLM2-shaped decoders with random codes: uniform, all-dropped and random mixed
 plans, 2 threads, accuracy level 4, this project's CI machine; the table ships as
-``onnx_decode_costs.json``: rerun it on the target to refit). Why whole models: the
+``onnx_decode_costs.json``: rerun it on the target to refit). The per-call cost is
+pinned at 3 us, not fitted: calls and per-weight costs are nearly collinear and a free
+fit put weight time into calls (11.75 us, then 18 us), which let the planner buy
+"cheap" fused calls with slow offsets (a 108.8 MB plan modeled 0.95x ORT's RTN file
+measured 0.86x); ORT's unfused RTN graph, 90 calls more than our fused one, is ~3 %
+slower, ~3 us a call. Pinned, the fit is better (median residual 2.7 % against 4.4 %)
+and includes a real plan's variants (its 8-bit, offset and head choices moved to
+4-bit blocks of 64; ``--plan-variants``), where the planner needs it right. Why whole models: the
 first table timed each option on one matrix at a time (``bench_onnx_kernels.py``,
 kept as ``isolated_*``), which stays in the 32 MB L3 cache, and mixed the costs of
 plans up: it predicted a 90 MB plan at 1.11x a uniform 4-bit block-64 model where it
