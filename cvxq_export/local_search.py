@@ -19,9 +19,11 @@ so the result of :func:`polish` is feasible or ``None``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .allocate import Menu
+from .allocate import Allocation, Menu, allocate, smallest_multiplier
 
 
 def _deltas(m: Menu, times: np.ndarray, choice: np.ndarray):
@@ -106,3 +108,48 @@ def best_polished(m: Menu, candidates: list[np.ndarray], times: np.ndarray, time
         if d < best_d:
             best, best_d, best_k = p, d, k
     return best, best_k
+
+
+@dataclass
+class TwoLimitPlan:
+    choice: np.ndarray  # [n_units] option per unit, within both limits
+    lam: float  # byte multiplier of the Lagrangian point it was polished from
+    mu: float  # time multiplier of that point (inf: the fastest plan)
+    fastest: Allocation  # the fastest plan of the menu at the budget (time alone)
+
+
+def search_two_limits(m: Menu, times: np.ndarray, time_cap: float, budget: int, fixed: int = 0, *,
+                      unit: str = "bytes", scales: tuple[float, float] | None = None,
+                      stale_growths: int | None = None, steps_from_zero: int = 14) -> TwoLimitPlan | None:
+    """The least-distortion plan found within ``budget`` (``fixed`` + costs) and
+    ``sum(times) <= time_cap``: the fastest plan (time alone, distortion breaking ties),
+    then distortion + mu x time with mu grown and bisected to the smallest that meets the
+    cap (``allocate.smallest_multiplier``), then every point visited polished. None when
+    no polished point meets the cap. ``scales`` (distortion, time) set the tie-break
+    and the multiplier's starting point (default: medians of the positive legal entries).
+
+    Raises :class:`~cvxq_export.errors.InfeasibleBudget` when no plan fits ``budget``."""
+    legal = m.legal if m.legal is not None else np.ones(m.cost.shape, dtype=bool)
+    if scales is None:
+        d, t = m.distortion[legal], times[legal]
+        scales = (float(np.median(d[d > 0])) if (d > 0).any() else 1.0,
+                  float(np.median(t[t > 0])) if (t > 0).any() else 1.0)
+    d_scale, t_scale = scales
+    rows = np.arange(m.cost.shape[0])
+    fastest = allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed,
+                       unit=unit)
+    visited = [(fastest, float("inf"))]
+
+    def run(mu: float):
+        alloc = allocate(Menu(m.cost, m.distortion + mu * times, m.legal), budget, fixed, unit=unit)
+        visited.append((alloc, mu))
+        return alloc, float(times[rows, alloc.choice].sum())
+
+    smallest_multiplier(run, time_cap, d_scale / t_scale, stale_growths=stale_growths, steps_from_zero=steps_from_zero)
+    # one option per unit makes the Lagrangian jump (many units switch at one mu): the point
+    # just under the cap can sit far under both limits; single moves from every point visited
+    # (repair those over the cap, fill the slack) find better plans between them
+    choice, k = best_polished(m, [a.choice for a, _ in visited], times, time_cap, budget - fixed)
+    if choice is None:
+        return None
+    return TwoLimitPlan(choice, visited[k][0].lam, visited[k][1], fastest)

@@ -121,10 +121,19 @@ def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_
     note = next(n for n in rel.notes if "decode-speed reference: ORT RTN" in n)
     assert f"planned at {sp.planned_speed(0.9):.3f} x modeled" in note  # the margin for the model's scatter
     assert sp.planned_speed(0.9) > 0.9
-    # tied siblings: q/k/v (and gate/up) get one option set, so they fuse into one call
-    sets = ot._allowed_sets(qmenu, np.concatenate([t.unit_map for t in free.tensors]).astype(int), 1, False, True)
-    for name, keep in sets.items():
-        assert keep == sets[sp.fusion_key(name)] and len(keep) == 1
+    # the tied variant: q/k/v (and gate/up) at one option each, so each is one fused call;
+    # within the limit and the budget, calls counted exactly as the graph has them
+    t_us = sp.products_limit_us(sp.reference_decode_us(qmenu.tensors, QdqOption(4, 32, "asym")), 0.9, 2)
+    r, _, modeled_us = ot._time_limited_tied(loaded, qmenu, budget, ot.fixed_bytes(loaded, qmenu.tensors, 1), t_us, {})
+    assert modeled_us <= t_us + 1e-6
+    assert modeled_us == pytest.approx(sp.plan_time_us(qmenu.tensors, r.choice))
+    for t in qmenu.tensors:
+        assert len(set(r.choice[t.start:t.start + t.n_units].tolist())) == 1
+        sib = next(u for u in qmenu.tensors if u.ref.name == sp.fusion_key(t.ref.name))
+        assert r.choice[t.start] == r.choice[sib.start]
+    assert r.fixed + sum(-(-int(qmenu.menu.cost[t.start:t.start + t.n_units][np.arange(t.n_units),
+                                                                               r.choice[t.start:t.start + t.n_units]].sum()) // 8)
+                         for t in qmenu.tensors) <= budget
     # a limit no plan can meet (the calls alone exceed it) is a clear error, not a long search
     from cvxq_export.errors import CvxqError
 

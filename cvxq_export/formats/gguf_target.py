@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..allocate import Menu, allocate, cost_range, smallest_multiplier
+from ..allocate import Menu, allocate, cost_range
 from ..errors import CvxqError, InfeasibleBudget, missing_extra
 from ..io import atomic_path
-from ..local_search import best_polished
+from ..local_search import search_two_limits
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
 from ..plan import Plan, TensorPlan
 from . import ggml_feedback, ggml_quant
@@ -283,32 +283,10 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
     d_scale = float(np.median(d[d > 0])) if (d > 0).any() else 1.0
     t_scale = float(np.median(times[m.legal][times[m.legal] > 0])) if (times[m.legal] > 0).any() else 1.0
 
-    def fastest_of(menu: Menu):  # time alone, distortion only breaking ties
-        return allocate(Menu(menu.cost, times / t_scale + 1e-9 * menu.distortion / d_scale, menu.legal), budget, fixed)
-
-    fastest = fastest_of(m)  # the reference: the fastest file of this size
+    # the reference: the fastest file of this size (time alone, distortion breaking ties)
+    fastest = allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed)
     limit = total(fastest.choice) / speed
     time_cap = limit - base - float(floor.sum())  # the limit in the units of ``times``
-
-    def search(menu: Menu):
-        """(best choice, the byte and time multipliers it started from) on ``menu``, or
-        (None, nan, inf) when nothing fits."""
-        try:
-            visited = [(fastest_of(menu), float("inf"))]  # every Lagrangian point seen: local-search starts
-        except InfeasibleBudget:  # this restriction cannot make a file of this size
-            return None, float("nan"), float("inf")
-
-        def run(mu: float):
-            alloc = allocate(Menu(menu.cost, menu.distortion + mu * times, menu.legal), budget, fixed)
-            visited.append((alloc, mu))
-            return alloc, total(alloc.choice)
-
-        smallest_multiplier(run, limit, d_scale / t_scale, steps_from_zero=18)
-        # One type per tensor makes the Lagrangian jump (many tensors switch at one mu): the
-        # plan just under the limit can sit far under both limits; single-tensor moves from
-        # every point visited (repair those over the limit, fill the slack) find better ones.
-        choice, k = best_polished(menu, [a.choice for a, _ in visited], times, time_cap, budget - fixed)
-        return (None, float("nan"), float("inf")) if choice is None else (choice, visited[k][0].lam, visited[k][1])
 
     big = int(np.argmax([t.ref.rows * t.ref.cols for t in gmenu.inputs]))
     best, best_lam, best_mu = fastest.choice, fastest.lam, float("inf")
@@ -317,9 +295,14 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
         legal = m.legal.copy()
         legal[big] = False
         legal[big, j] = True
-        choice, lam, mu = search(Menu(m.cost, m.distortion, legal))
-        if choice is not None and float(m.distortion[rows, choice].sum()) < best_d:
-            best, best_lam, best_mu, best_d = choice, lam, mu, float(m.distortion[rows, choice].sum())
+        try:
+            found = search_two_limits(Menu(m.cost, m.distortion, legal), times, time_cap, budget, fixed,
+                                      scales=(d_scale, t_scale), steps_from_zero=18)
+        except InfeasibleBudget:  # no file of this size has the tensor at this type
+            continue
+        if found is not None and float(m.distortion[rows, found.choice].sum()) < best_d:
+            best, best_lam, best_mu = found.choice, found.lam, found.mu
+            best_d = float(m.distortion[rows, best].sum())
     alloc = replace(fastest, choice=best, cost=fixed + int(m.cost[rows, best].sum()), distortion=best_d, lam=best_lam)
     note = (f"llama.cpp speed: modeled {total(best):.0f} us per token (one decode step + one prompt token), "
             f"the fastest file of this size {total(fastest.choice):.0f} us, limit {limit:.0f} us for >= {speed} x its "

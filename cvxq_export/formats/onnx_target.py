@@ -194,31 +194,18 @@ def size_range(loaded: LoadedModel, *, col_group: int = DEFAULT_COL_GROUP, max_o
 # --------------------------------------------------------------------------- plan
 
 
-def _allowed_sets(qmenu: QdqMenu, choice: np.ndarray, max_options: int, add_zero: bool,
-                  tie_siblings: bool = False) -> dict[str, list[int]]:
+def _allowed_sets(qmenu: QdqMenu, choice: np.ndarray, max_options: int, add_zero: bool) -> dict[str, list[int]]:
     """Per matrix, the ``max_options`` options its units chose most often (zero counts as
-    one: dropping groups costs a Gather too), plus zero if asked. With ``tie_siblings``
-    the matrices that read one input (q/k/v, gate/up) get one common set, the options
-    most of their weights chose: at one option they are one fused MatMulNBits call, which
-    saves each layer two calls (modeled ~12 us each: ~7 % of a decode step)."""
-    from .onnx_speed import fusion_key
-
-    groups: dict[str, list[QdqTensorUnits]] = {}
-    for t in qmenu.tensors:
-        if t.role == "linear":
-            groups.setdefault(fusion_key(t.ref.name) if tie_siblings else t.ref.name, []).append(t)
+    one: dropping groups costs a Gather too), plus zero if asked."""
     sets = {}
-    for members in groups.values():
-        weight: dict[int, int] = {}
-        for t in members:  # weights per option (rows x columns), so a wide sibling counts more
-            used, counts = np.unique(choice[t.start:t.start + t.n_units], return_counts=True)
-            for j, n in zip(used.tolist(), counts.tolist()):
-                weight[j] = weight.get(j, 0) + n * t.ref.rows * t.group
-        keep = sorted(weight, key=lambda j: -weight[j])[:max_options]
+    for t in qmenu.tensors:
+        if t.role != "linear":
+            continue
+        used, counts = np.unique(choice[t.start:t.start + t.n_units], return_counts=True)
+        keep = used[np.argsort(-counts, kind="stable")][:max_options].tolist()
         if add_zero and OPTION_INDEX[ZERO] not in keep:
             keep.append(OPTION_INDEX[ZERO])
-        for t in members:
-            sets[t.ref.name] = sorted(int(j) for j in keep)
+        sets[t.ref.name] = sorted(int(j) for j in keep)
     return sets
 
 
@@ -243,10 +230,10 @@ class _TwoPass:
 
 
 def _two_pass(loaded: LoadedModel, qmenu: QdqMenu, menu: Menu, budget: int, loose: int, max_options: int,
-              fixed_cache: dict, tie_siblings: bool = False) -> _TwoPass:
+              fixed_cache: dict) -> _TwoPass:
     free = allocate(menu, min((budget - loose) * 8, cost_range(menu)[1]), 0, unit="bits")
     for add_zero in (False, True):
-        sets = _allowed_sets(qmenu, free.choice, max_options, add_zero, tie_siblings)
+        sets = _allowed_sets(qmenu, free.choice, max_options, add_zero)
         key = (max_options, tuple(sorted((k, tuple(v)) for k, v in sets.items())))
         if key not in fixed_cache:  # the skeleton build is the slow part of a pass: time limits rerun passes
             fixed_cache[key] = fixed_bytes(loaded, qmenu.tensors, max_options,
@@ -267,7 +254,7 @@ def _menu_distortion(qmenu: QdqMenu, choice: np.ndarray) -> float:
 
 
 def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, max_options: int,
-                  limit_us: float, fixed_cache: dict, tie_siblings: bool = False) -> tuple[_TwoPass, float, float]:
+                  limit_us: float, fixed_cache: dict) -> tuple[_TwoPass, float, float]:
     """The two passes on distortion + mu * modeled time, mu bisected (in log space) to the
     smallest that brings the modeled decode time under ``limit_us``: the Lagrangian of
     the second constraint. Returns the passes, mu, and the modeled time."""
@@ -278,7 +265,7 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
     def run(mu: float) -> tuple[_TwoPass, float]:
         m = qmenu.menu
         penalised = Menu(m.cost, m.distortion + mu * times, m.legal)
-        r = _two_pass(loaded, qmenu, penalised, budget, loose, max_options, fixed_cache, tie_siblings)
+        r = _two_pass(loaded, qmenu, penalised, budget, loose, max_options, fixed_cache)
         # calls and splits are charged on the whole plan: mu rises until all of it fits
         return r, plan_time_us(qmenu.tensors, r.choice, times)
 
@@ -292,6 +279,66 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
                         f"(the fastest found: {t:.0f} us)",
                         "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
     return best, mu, t
+
+
+def _time_limited_tied(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, limit_us: float,
+                       fixed_cache: dict) -> tuple[_TwoPass, float, float]:
+    """One option per *fused group* (q/k/v together, gate/up together, every other
+    matrix alone; zero not offered): then every call is known in advance, the modeled
+    time is separable over groups, and the plan is a two-limit choice over ~150 groups
+    that the GGUF planner's search solves (time multiplier bisected, every Lagrangian
+    point repaired / filled by single-group moves, :mod:`..local_search`). Returns what
+    :func:`_time_limited` returns."""
+    from ..local_search import search_two_limits
+    from .onnx_speed import fusion_key, option_cost, plan_time_us, unit_times_us
+
+    m = qmenu.menu
+    times = unit_times_us(qmenu.tensors)  # [n_units, n_options] us, the per-weight part
+    zero = OPTION_INDEX[ZERO]
+    groups: dict[str, list[QdqTensorUnits]] = {}
+    for t in qmenu.tensors:
+        key = fusion_key(t.ref.name) if t.role == "linear" else t.ref.name
+        groups.setdefault(key, []).append(t)
+    members = list(groups.values())
+    n_opt = m.cost.shape[1]
+    cost = np.zeros((len(members), n_opt), dtype=np.int64)  # [groups, options] bits
+    dist = np.zeros((len(members), n_opt))
+    gtime = np.zeros((len(members), n_opt))  # per-weight time + the group's one call
+    legal = np.ones((len(members), n_opt), dtype=bool)
+    legal[:, zero] = False
+    for g, ts in enumerate(members):
+        for t in ts:
+            units = slice(t.start, t.start + t.n_units)
+            cost[g] += m.cost[units].sum(0)
+            dist[g] += m.distortion[units].sum(0)
+            gtime[g] += times[units].sum(0)
+            legal[g] &= m.legal[units].all(0)
+        calls_here = not (len(ts) == 1 and ts[0].role == "embedding" and not ts[0].tied_head)
+        if calls_here:
+            gtime[g] += [option_cost(o).call_us for o in OPTIONS]
+    if not legal.any(1).all():
+        raise CvxqError("a fused group has no option legal for all its matrices", "this is a bug; please report it")
+    gmenu = Menu(cost, np.where(legal, dist, 0.0), legal)
+    room = min((budget - loose) * 8, cost_range(gmenu)[1])
+    found = search_two_limits(gmenu, gtime, limit_us, room, 0, unit="bits", stale_growths=4)
+    if found is None:
+        fastest = allocate(Menu(cost, gtime, legal), room, 0, unit="bits").choice
+        fastest_us = float(gtime[np.arange(len(members)), fastest].sum())
+        raise CvxqError(f"no plan of this size is modeled under the decode-time limit {limit_us:.0f} us "
+                        f"(the fastest found: {fastest_us:.0f} us)",
+                        "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
+    best = found.choice
+    choice = np.empty(m.cost.shape[0], dtype=np.intp)
+    for g, ts in enumerate(members):
+        for t in ts:
+            choice[t.start:t.start + t.n_units] = best[g]
+    sets = {t.ref.name: [int(best[g])] for g, ts in enumerate(members) for t in ts if t.role == "linear"}
+    key = (1, tuple(sorted((n, tuple(v)) for n, v in sets.items())))
+    if key not in fixed_cache:
+        fixed_cache[key] = fixed_bytes(loaded, qmenu.tensors, 1, {n: [OPTIONS[j] for j in v] for n, v in sets.items()})
+    dist_total = _menu_distortion(qmenu, choice)
+    r = _TwoPass(choice, found.lam, dist_total, dist_total, fixed_cache[key], False)
+    return r, found.mu, plan_time_us(qmenu.tensors, choice, times)
 
 
 def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAULT_COL_GROUP,
@@ -340,7 +387,8 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
         for mo, tie in sorted({(1, False), (1, True), (max_options, False)}):
             mo_loose = loose if mo == max_options else fixed_bytes(loaded, qmenu.tensors, mo)
             try:
-                cand = _time_limited(loaded, qmenu, budget, mo_loose, mo, decode_limit_us, cache, tie)
+                cand = (_time_limited_tied(loaded, qmenu, budget, mo_loose, decode_limit_us, cache) if tie else
+                        _time_limited(loaded, qmenu, budget, mo_loose, mo, decode_limit_us, cache))
             except CvxqError as exc:  # this variant cannot reach the limit; another may
                 failure = exc
                 continue
