@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cvxq_export.calibrate import CalibrationSettings
+from cvxq_export.cli import DEFAULT_DECODE_SPEED
 from cvxq_export.errors import InfeasibleBudget
 from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
 from cvxq_export.formats.llama_eval import llama_generate, llama_perplexity
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--merge", action="store_true", help="keep rows of other budgets already in --json")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
-    ap.add_argument("--decode-speed", type=float, default=0.9,
+    ap.add_argument("--decode-speed", type=float, default=DEFAULT_DECODE_SPEED["gguf"],
                     help="what `fit --decode-speed` does: modeled llama.cpp time within 1/R of the fastest type mix "
                          "of the same size (0: no limit, the plans before the speed model)")
     args = ap.parse_args()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cvxq_export.calibrate import CalibrationSettings
+from cvxq_export.cli import DEFAULT_DECODE_SPEED
 from cvxq_export.formats.onnx_qdq import build_menu
 from cvxq_export.formats.onnx_target import OrtDecoder, export_onnx, write_float_onnx
 from cvxq_export.model import load_model
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--rtn-exports", default="plain",
                     help="fp32 exports ORT's RTN starts from: plain (one MatMul per matrix, as torch.onnx.export "
                          "writes), fused (q/k/v and gate/up as one MatMul each, as our graphs fuse them), or both")
-    ap.add_argument("--decode-speed", type=float, default=0.9,
+    ap.add_argument("--decode-speed", type=float, default=DEFAULT_DECODE_SPEED["onnx"],
                     help="as fit --decode-speed: modeled decode speed >= R x ORT's RTN file of the same size (0: off)")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
     args = ap.parse_args()
