@@ -304,10 +304,11 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
             best, best_lam, best_mu = found.choice, found.lam, found.mu
             best_d = float(m.distortion[rows, best].sum())
     alloc = replace(fastest, choice=best, cost=fixed + int(m.cost[rows, best].sum()), distortion=best_d, lam=best_lam)
+    point = f"the Lagrangian point at time multiplier {best_mu:.4g}" if np.isfinite(best_mu) else "the fastest plan"
     note = (f"llama.cpp speed: modeled {total(best):.0f} us per token (one decode step + one prompt token), "
             f"the fastest file of this size {total(fastest.choice):.0f} us, limit {limit:.0f} us for >= {speed} x its "
-            f"speed (from the Lagrangian point at time multiplier {best_mu:.4g} with {gmenu.inputs[big].gguf_name} "
-            f"at {gmenu.columns[best[big]]}, then single-tensor moves; cvxq_export.formats.gguf_speed)")
+            f"speed (from {point} with {gmenu.inputs[big].gguf_name} at {gmenu.columns[best[big]]}, then "
+            f"single-tensor moves; cvxq_export.formats.gguf_speed)")
     return alloc, note
 
 

@@ -399,9 +399,11 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
             raise failure
         (r, mu, t_us), (max_options, tied), loose, _ = best
         if tied:
-            notes.append("siblings tied: q/k/v and gate/up each at one option set (one fused call per layer)")
+            notes.append("siblings tied: q/k/v and gate/up each at one option (one fused call per layer), planned over "
+                         "the fused groups (cvxq_export.local_search.search_two_limits)")
+        source = f"time multiplier {mu:.4g}" if np.isfinite(mu) else "polished from the fastest plan"
         notes.append(f"decode time: products, calls and splits modeled {t_us:.0f} us per token <= limit {decode_limit_us:.0f} us "
-                     f"(time multiplier {mu:.4g}; cvxq_export.formats.onnx_speed)")
+                     f"({source}; cvxq_export.formats.onnx_speed)")
     choice, lam, fixed, add_zero = r.choice, r.lam, r.fixed, r.add_zero
     notes = [f"splits: each matrix limited to its {max_options} most used options{' plus zero' if add_zero else ''} "
              f"(pass 1 distortion {r.distortion_free:.6g}, pass 2 {r.distortion:.6g}); graph bytes bound "
