@@ -110,9 +110,27 @@ def best_polished(m: Menu, candidates: list[np.ndarray], times: np.ndarray, time
     return best, best_k
 
 
+def lagrangian_scales(m: Menu, times: np.ndarray) -> tuple[float, float]:
+    """(distortion, time) scales of a menu: the medians of its positive legal entries (1
+    where none is positive). They set the time multiplier's starting point and keep the
+    fastest plan's distortion tie-break negligible."""
+    legal = m.legal if m.legal is not None else np.ones(m.cost.shape, dtype=bool)
+    d, t = m.distortion[legal], times[legal]
+    return (float(np.median(d[d > 0])) if (d > 0).any() else 1.0,
+            float(np.median(t[t > 0])) if (t > 0).any() else 1.0)
+
+
+def fastest_plan(m: Menu, times: np.ndarray, budget: int, fixed: int = 0, *, unit: str = "bytes",
+                 scales: tuple[float, float] | None = None) -> Allocation:
+    """The fastest plan within ``budget``: time alone, distortion only breaking ties.
+    Raises :class:`~cvxq_export.errors.InfeasibleBudget` when no plan fits."""
+    d_scale, t_scale = scales or lagrangian_scales(m, times)
+    return allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed, unit=unit)
+
+
 @dataclass
 class TwoLimitPlan:
-    choice: np.ndarray  # [n_units] option per unit, within both limits
+    choice: np.ndarray | None  # [n_units] option per unit within both limits; None: none found
     lam: float  # byte multiplier of the Lagrangian point it was polished from
     mu: float  # time multiplier of that point (inf: the fastest plan)
     fastest: Allocation  # the fastest plan of the menu at the budget (time alone)
@@ -120,24 +138,18 @@ class TwoLimitPlan:
 
 def search_two_limits(m: Menu, times: np.ndarray, time_cap: float, budget: int, fixed: int = 0, *,
                       unit: str = "bytes", scales: tuple[float, float] | None = None,
-                      stale_growths: int | None = None, steps_from_zero: int = 14) -> TwoLimitPlan | None:
+                      stale_growths: int | None = None, steps_from_zero: int = 14) -> TwoLimitPlan:
     """The least-distortion plan found within ``budget`` (``fixed`` + costs) and
-    ``sum(times) <= time_cap``: the fastest plan (time alone, distortion breaking ties),
-    then distortion + mu x time with mu grown and bisected to the smallest that meets the
-    cap (``allocate.smallest_multiplier``), then every point visited polished. None when
-    no polished point meets the cap. ``scales`` (distortion, time) set the tie-break
-    and the multiplier's starting point (default: medians of the positive legal entries).
+    ``sum(times) <= time_cap``: the fastest plan (:func:`fastest_plan`), then distortion +
+    mu x time with mu grown and bisected to the smallest that meets the cap
+    (``allocate.smallest_multiplier``), then every point visited polished. ``choice`` is
+    None when no polished point meets the cap. ``scales``: :func:`lagrangian_scales`
+    (computed here when not given).
 
     Raises :class:`~cvxq_export.errors.InfeasibleBudget` when no plan fits ``budget``."""
-    legal = m.legal if m.legal is not None else np.ones(m.cost.shape, dtype=bool)
-    if scales is None:
-        d, t = m.distortion[legal], times[legal]
-        scales = (float(np.median(d[d > 0])) if (d > 0).any() else 1.0,
-                  float(np.median(t[t > 0])) if (t > 0).any() else 1.0)
-    d_scale, t_scale = scales
+    d_scale, t_scale = scales or lagrangian_scales(m, times)
     rows = np.arange(m.cost.shape[0])
-    fastest = allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed,
-                       unit=unit)
+    fastest = fastest_plan(m, times, budget, fixed, unit=unit, scales=(d_scale, t_scale))
     visited = [(fastest, float("inf"))]
 
     def run(mu: float):
@@ -151,5 +163,5 @@ def search_two_limits(m: Menu, times: np.ndarray, time_cap: float, budget: int, 
     # (repair those over the cap, fill the slack) find better plans between them
     choice, k = best_polished(m, [a.choice for a, _ in visited], times, time_cap, budget - fixed)
     if choice is None:
-        return None
+        return TwoLimitPlan(None, float("nan"), float("inf"), fastest)
     return TwoLimitPlan(choice, visited[k][0].lam, visited[k][1], fastest)

@@ -17,7 +17,7 @@ import numpy as np
 from ..allocate import Menu, allocate, cost_range
 from ..errors import CvxqError, InfeasibleBudget, missing_extra
 from ..io import atomic_path
-from ..local_search import search_two_limits
+from ..local_search import fastest_plan, lagrangian_scales, search_two_limits
 from ..model import LLAMA_FAMILY, LoadedModel, WeightRef
 from ..plan import Plan, TensorPlan
 from . import ggml_feedback, ggml_quant
@@ -279,12 +279,8 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
     def total(choice) -> float:
         return base + float(raw[rows, choice].sum())
 
-    d = m.distortion[m.legal]
-    d_scale = float(np.median(d[d > 0])) if (d > 0).any() else 1.0
-    t_scale = float(np.median(times[m.legal][times[m.legal] > 0])) if (times[m.legal] > 0).any() else 1.0
-
-    # the reference: the fastest file of this size (time alone, distortion breaking ties)
-    fastest = allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed)
+    scales = lagrangian_scales(m, times)  # of the whole menu, for every restricted search too
+    fastest = fastest_plan(m, times, budget, fixed, scales=scales)  # the reference: the fastest file of this size
     limit = total(fastest.choice) / speed
     time_cap = limit - base - float(floor.sum())  # the limit in the units of ``times``
 
@@ -297,10 +293,10 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
         legal[big, j] = True
         try:
             found = search_two_limits(Menu(m.cost, m.distortion, legal), times, time_cap, budget, fixed,
-                                      scales=(d_scale, t_scale), steps_from_zero=18)
+                                      scales=scales, steps_from_zero=18)
         except InfeasibleBudget:  # no file of this size has the tensor at this type
             continue
-        if found is not None and float(m.distortion[rows, found.choice].sum()) < best_d:
+        if found.choice is not None and float(m.distortion[rows, found.choice].sum()) < best_d:
             best, best_lam, best_mu = found.choice, found.lam, found.mu
             best_d = float(m.distortion[rows, best].sum())
     alloc = replace(fastest, choice=best, cost=fixed + int(m.cost[rows, best].sum()), distortion=best_d, lam=best_lam)

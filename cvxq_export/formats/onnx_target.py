@@ -275,10 +275,14 @@ def _time_limited(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, 
     # more weight on time stops helping when the calls alone exceed the limit: 4 stale growths end it
     best, mu, t = smallest_multiplier(run, limit_us, scale, stale_growths=4)
     if best is None:
-        raise CvxqError(f"no plan of this size is modeled under the decode-time limit {limit_us:.0f} us "
-                        f"(the fastest found: {t:.0f} us)",
-                        "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
+        raise _unreachable(limit_us, t)
     return best, mu, t
+
+
+def _unreachable(limit_us: float, fastest_us: float) -> CvxqError:
+    return CvxqError(f"no plan of this size is modeled under the decode-time limit {limit_us:.0f} us "
+                     f"(the fastest found: {fastest_us:.0f} us)",
+                     "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
 
 
 def _time_limited_tied(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: int, limit_us: float,
@@ -321,13 +325,9 @@ def _time_limited_tied(loaded: LoadedModel, qmenu: QdqMenu, budget: int, loose: 
     gmenu = Menu(cost, np.where(legal, dist, 0.0), legal)
     room = min((budget - loose) * 8, cost_range(gmenu)[1])
     found = search_two_limits(gmenu, gtime, limit_us, room, 0, unit="bits", stale_growths=4)
-    if found is None:
-        fastest = allocate(Menu(cost, gtime, legal), room, 0, unit="bits").choice
-        fastest_us = float(gtime[np.arange(len(members)), fastest].sum())
-        raise CvxqError(f"no plan of this size is modeled under the decode-time limit {limit_us:.0f} us "
-                        f"(the fastest found: {fastest_us:.0f} us)",
-                        "lower --decode-speed (the default is 0.9; 0 turns the limit off) or raise the budget")
     best = found.choice
+    if best is None:
+        raise _unreachable(limit_us, float(gtime[np.arange(len(members)), found.fastest.choice].sum()))
     choice = np.empty(m.cost.shape[0], dtype=np.intp)
     for g, ts in enumerate(members):
         for t in ts:
