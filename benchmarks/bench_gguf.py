@@ -17,7 +17,7 @@ from pathlib import Path
 from cvxq_export.calibrate import CalibrationSettings
 from cvxq_export.cli import DEFAULT_DECODE_SPEED
 from cvxq_export.errors import InfeasibleBudget
-from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
+from cvxq_export.formats.gguf_target import build_menu, input_means, plan_gguf, read_back_check, tensor_inputs, write_gguf
 from cvxq_export.formats.llama_eval import llama_generate, llama_perplexity
 from cvxq_export.model import load_model
 from cvxq_export.pipeline import calibrate_cached, input_hessians
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--decode-speed", type=float, default=DEFAULT_DECODE_SPEED["gguf"],
                     help="what `fit --decode-speed` does: modeled llama.cpp time within 1/R of the fastest type mix "
                          "of the same size (0: no limit, the plans before the speed model)")
+    ap.add_argument("--bias-correction", action="store_true", help="what `fit --bias-correction` does")
     args = ap.parse_args()
     loaded = load_model(None)
     t0 = time.perf_counter()
@@ -58,13 +59,15 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         try:
-            plan, _ = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu, speed=args.decode_speed or None)
+            plan, planned_menu = plan_gguf(loaded, outcome.sens, budget, gmenu=gmenu, speed=args.decode_speed or None,
+                                           bias_correction=args.bias_correction)
         except InfeasibleBudget as exc:
             print(f"{mb} MB: {exc}", flush=True)
             rows.append({"budget_mb": mb, "infeasible": str(exc)})
             continue
-        res = write_gguf(loaded, plan, gmenu, out / "model.gguf", hessians=hessians)
-        readback = read_back_check(res, gmenu)
+        res = write_gguf(loaded, plan, planned_menu, out / "model.gguf", hessians=hessians,
+                         input_means=input_means(loaded, outcome.sens) if args.bias_correction else None)
+        readback = read_back_check(res, planned_menu)
         write_s = time.perf_counter() - t
         ppl = llama_perplexity(str(res.path), windows)
         _, tps = llama_generate(str(res.path), "The history of the city", 64)
@@ -76,6 +79,7 @@ def main() -> None:
                      "types": types, "embedding": emb, "plan_write_s": write_s, "decode_tok_s": tps,
                      "uses_q4_1_source_grid": "Q4_1" in types, "readback_bit_exact": readback,
                      "error_feedback": hessians is not None, "decode_speed": args.decode_speed,
+                     "bias_tensors": len(res.biases),
                      "plan_notes": plan.notes})
         print(json.dumps(rows[-1]), flush=True)
     print("\n| budget | file bytes | llama.cpp ppl | types (tensor count) | embedding | decode tok/s |\n|---:|---:|---:|---|---|---:|")

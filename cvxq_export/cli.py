@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-error-feedback", action="store_true",
                    help="gguf, onnx, packed: round each block / unit on its own instead of GPTQ-style error feedback "
                         "(faster; feedback needs the input second moments of 32 calibration windows)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="gguf: write CVXQ's bias correction b' = b - (W_hat - W) x_mean as the optional bias tensors "
+                        "llama.cpp loads for the llama architecture (float32, charged to the budget; lossless tensors get "
+                        "none). Off by default: with error feedback it moved SmolLM2's perplexity by -0.02 / +0.07 "
+                        "(docs/benchmarks.md)")
     p.add_argument("--no-analysis", action="store_true",
                    help="skip the compressibility / load-time analysis of the written files at the end (~15 s per 75 MB)")
     p.add_argument("--compress", default="none", metavar="CODEC",
@@ -361,7 +366,8 @@ def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, *, breakdown=
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
     hessians = _feedback_hessians(args, loaded)
     info = export_gguf(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan,
-                       hessians=hessians, speed=None if plan is not None else _decode_speed(args, "gguf"))
+                       hessians=hessians, speed=None if plan is not None else _decode_speed(args, "gguf"),
+                       bias_correction=getattr(args, "bias_correction", False))
     info["timings"] = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
                        "calibration_cached": outcome.cached}
     from .plan import Plan as _Plan

@@ -58,6 +58,54 @@ def test_llama_cpp_logits_match_pytorch(tmp_path, tiny_gguf, eval_text):
     assert (got.argmax(1) == ref.argmax(1)).mean() > 0.9
 
 
+def test_bias_correction_loads_in_llama_cpp(tmp_path, tiny_gguf, eval_text):
+    """--bias-correction: llama.cpp loads the added bias tensors, its logits match PyTorch's
+    with them, each corrected layer keeps its mean output, and the file stays in budget."""
+    import gguf
+    import torch
+    from llama_cpp import Llama
+
+    from cvxq_export.calibrate import CalibrationSettings
+    from cvxq_export.formats.gguf_target import export_gguf
+    from cvxq_export.model import load_model
+    from cvxq_export.pipeline import calibrate_cached
+    from cvxq_export.plan import Plan
+    from cvxq_export.textdata import evaluation_windows
+
+    loaded = load_model(str(tiny_gguf))
+    original = {r.name: loaded.weight_tensor(r).detach().clone() for r in loaded.weights}
+    sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
+    windows = evaluation_windows(loaded.tokenizer, eval_text, 2, 64).ids
+    budget = 4_000_000
+    info = export_gguf(loaded, sens, budget, tmp_path, progress=False, bias_correction=True, eval_windows=windows)
+    plan = Plan.load(tmp_path / "plan.json")
+    lossy = [t for t in plan.tensors if t.distortion > 0 and "embed" not in t.name]
+    names = {t.name for t in gguf.GGUFReader(info["path"]).tensors}
+    biases = sorted(n for n in names if n.endswith(".bias"))
+    assert len(biases) == 14 and info["readback_tensors_bit_exact"] == 15  # every linear of the 2 layers is lossy here
+    assert len(lossy) == 14
+    assert str(len(biases)) in info["bias_correction"]
+    assert os.path.getsize(info["path"]) <= budget
+    assert info["eval"]["within_0.5_percent"], info["eval"]
+    # the PyTorch model now carries the biases: its logits are the file's
+    ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+    # b' = -(W_hat - W) x_mean: the layer's mean output over the calibration inputs is unchanged
+    for ref_w in loaded.weights:
+        if ref_w.kind != "linear":
+            continue
+        module = loaded.model.get_submodule(ref_w.module)
+        mean = torch.from_numpy(sens[ref_w.name].input_mean).double()
+        before = original[ref_w.name].double() @ mean
+        after = module.weight.double() @ mean + module.bias.double()
+        assert torch.allclose(after, before, atol=1e-4 * float(before.abs().max()) + 1e-6), ref_w.name
+
+
 def test_gguf_infeasible_budget(capsys, tmp_path, tiny_gguf):
     code = main(["fit", str(tiny_gguf), "--format", "gguf", "--budget", "100kB", "-o", str(tmp_path / "x"), *FAST])
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ Q/K row permutation, and is written atomically.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,49 @@ def _head_count(loaded: LoadedModel, gguf_name: str) -> int | None:
     if gguf_name.endswith("attn_k.weight"):
         return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     return None
+
+
+# Projections whose optional ``.bias`` tensor llama.cpp's loader accepts, per GGUF
+# architecture (probed: a file with each bias loads and the bias changes the logits;
+# tests/test_gguf_target.py checks llama.cpp's logits against PyTorch with them). Other
+# architectures: only biases the source already has are corrected.
+OPTIONAL_BIASES = {"llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+BIAS_BYTES_PER_ROW = 4  # written as float32, like the source's norms
+
+
+def bias_name(gguf_name: str) -> str:
+    return gguf_name[: -len(".weight")] + ".bias"
+
+
+def new_bias_names(loaded: LoadedModel) -> dict[str, str]:
+    """HF weight name -> GGUF bias name, for the weights that have no bias in the source
+    but may get one (bias correction) because llama.cpp loads it for this architecture."""
+    allowed = OPTIONAL_BIASES.get(gguf_arch(loaded.model_type), ())
+    existing = _skeleton(loaded).float_tensors
+    out = {}
+    for hf_name, gname in gguf_name_map(loaded).items():
+        if gname.split(".")[-2] in allowed and bias_name(gname) not in existing:
+            out[hf_name] = bias_name(gname)
+    return out
+
+
+def with_bias_bytes(gmenu: "GGUFMenu", capable: set[str]) -> "GGUFMenu":
+    """The menu with a float32 bias tensor charged to every lossy option of a tensor in
+    ``capable`` (HF names): bias correction writes one exactly there. A lossless option
+    (distortion 0: e.g. SmolLM2's Q4_1 source grid) needs none."""
+    m = gmenu.menu
+    extra = np.array([_aligned(t.ref.rows * BIAS_BYTES_PER_ROW) if t.ref.name in capable else 0
+                      for t in gmenu.inputs], dtype=np.int64)  # [n_tensors]
+    cost = m.cost + np.where(m.legal & (m.distortion > 0), extra[:, None], 0)
+    return GGUFMenu(gmenu.inputs, gmenu.types, Menu(cost, m.distortion, m.legal), gmenu.columns)
+
+
+def planned_new_biases(plan: Plan, loaded: LoadedModel) -> dict[str, str]:
+    """The new bias tensors a plan paid for (its tensor bytes exceed the type's bytes):
+    read from the plan itself, so a reused plan.json writes what it counted."""
+    capable = new_bias_names(loaded)
+    return {t.name: capable[t.name] for t in plan.tensors
+            if t.name in capable and t.bytes > _aligned(tensor_bytes(t.option, t.rows, t.cols))}
 
 
 @dataclass
@@ -197,9 +240,11 @@ def _add_metadata(writer, skeleton: GGUFSkeleton, extra: dict) -> None:
             writer.add_uint64(key, int(value))
 
 
-def fixed_bytes(loaded: LoadedModel) -> int:
+def fixed_bytes(loaded: LoadedModel, *, bias_correction: bool = False) -> int:
     """Bytes that do not depend on the plan: the header (metadata, tokenizer,
-    tensor directory; measured by writing it) plus the float tensors we copy."""
+    tensor directory; measured by writing it) plus the float tensors we copy.
+    With ``bias_correction`` the directory holds an entry for every bias that may be
+    added (their data is charged in the menu, :func:`with_bias_bytes`)."""
     import tempfile
 
     gguf = _gguf()
@@ -213,6 +258,9 @@ def fixed_bytes(loaded: LoadedModel) -> int:
             writer.add_tensor_info(name, arr.shape, np.dtype(np.float32), arr.nbytes)
         for ref in loaded.weights:  # the directory entry's size does not depend on the type
             writer.add_tensor_info(names[ref.name], (ref.rows, ref.cols), np.dtype(np.float32), ref.rows * ref.cols * 4)
+        for ref_name, bname in (new_bias_names(loaded).items() if bias_correction else ()):
+            rows = next(r.rows for r in loaded.weights if r.name == ref_name)
+            writer.add_tensor_info(bname, (rows,), np.dtype(np.float32), rows * BIAS_BYTES_PER_ROW)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -231,14 +279,19 @@ def size_range(loaded: LoadedModel) -> tuple[int, int]:
 
 
 def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
-              gmenu: GGUFMenu | None = None, speed: float | None = None) -> tuple[Plan, GGUFMenu]:
+              gmenu: GGUFMenu | None = None, speed: float | None = None,
+              bias_correction: bool = False) -> tuple[Plan, GGUFMenu]:
     """One type per tensor under the byte budget. With ``speed`` R the modeled llama.cpp
     time per token (:mod:`.gguf_speed`: one decode step plus one prompt token) is kept at
-    most 1/R x that of the fastest file of this size the menu can make."""
+    most 1/R x that of the fastest file of this size the menu can make.
+    ``bias_correction`` charges the bias tensors :func:`write_gguf` will add (the returned
+    menu includes them). Their llama.cpp time (one vector add each) is not modeled."""
     refs = loaded.weights
-    fixed = fixed_bytes(loaded)
+    fixed = fixed_bytes(loaded, bias_correction=bias_correction)
     if gmenu is None:
         gmenu = build_menu(tensor_inputs(loaded, sens, refs), progress=progress)
+    if bias_correction:
+        gmenu = with_bias_bytes(gmenu, set(new_bias_names(loaded)))
     # A budget above the largest file buys the largest file (every tensor at its finest type).
     target = min(budget, cost_range(gmenu.menu, fixed)[1])
     notes = []
@@ -313,18 +366,37 @@ class GGUFResult:
     path: Path
     size: int
     dequantized: dict[str, np.ndarray]  # HF name -> [rows, cols] float32 in HF row order
+    # bias correction: HF weight name -> (GGUF bias name, [rows] float32 as written, llama.cpp row order)
+    biases: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+
+    def torch_bias(self, name: str, heads: int | None) -> np.ndarray:
+        """The bias of weight ``name`` in HF row order (for the PyTorch evaluation)."""
+        b = self.biases[name][1]
+        return unpermute(b[:, None], heads)[:, 0] if heads else b
 
 
 def write_gguf(loaded: LoadedModel, plan: Plan, gmenu: GGUFMenu, path: str | Path, *, progress: bool = True,
-               hessians: dict[str, np.ndarray] | None = None) -> GGUFResult:
+               hessians: dict[str, np.ndarray] | None = None,
+               input_means: dict[str, np.ndarray] | None = None) -> GGUFResult:
     """Write the planned file atomically; return its size and the dequantized weights.
 
     ``hessians`` (HF weight name -> ``[cols, cols]`` input second moment) turns on
     error feedback (:mod:`ggml_feedback`) for every block-quantized tensor that has one.
+    ``input_means`` (HF weight name -> ``[cols]`` mean calibration input) turns on CVXQ's
+    bias correction ``b' = b - (W_hat - W) x_mean``: for the biases the source has, and
+    for the new ones the plan paid for (:func:`planned_new_biases`).
     """
     extra = _provenance(plan, "gptq-blockwise" if hessians else "none")
+    biases = None
+    if input_means is not None:
+        wanted = planned_new_biases(plan, loaded)
+        existing = _skeleton(loaded).float_tensors
+        for name, gname in gguf_name_map(loaded).items():
+            if bias_name(gname) in existing:
+                wanted[name] = bias_name(gname)
+        biases = {name: (bname, input_means[name]) for name, bname in wanted.items() if name in input_means}
     result = _write_file(loaded, gmenu.inputs, {t.name: t.option for t in plan.tensors}, path, extra,
-                         progress=progress, hessians=hessians)
+                         progress=progress, hessians=hessians, biases=biases)
     if result.size > plan.budget_bytes:
         raise CvxqError(f"the GGUF file is {result.size:,} bytes, over the budget {plan.budget_bytes:,}",
                         "this is a bug in the size accounting; please report it")
@@ -352,17 +424,19 @@ def add_tensor_data(writer, t: GGUFTensorInput, type_name: str, raw: np.ndarray 
 
 
 def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[str, str], path: str | Path,
-                extra: dict, *, progress: bool = True, hessians: dict[str, np.ndarray] | None = None) -> GGUFResult:
+                extra: dict, *, progress: bool = True, hessians: dict[str, np.ndarray] | None = None,
+                biases: dict[str, tuple[str, np.ndarray]] | None = None) -> GGUFResult:
+    """``biases``: HF weight name -> (GGUF bias name, ``[cols]`` mean input) to bias-correct."""
     from tqdm.auto import tqdm
 
     gguf = _gguf()
     skeleton = _skeleton(loaded)
+    floats = dict(skeleton.float_tensors)  # norms etc. (and source biases, corrected below)
     dequantized: dict[str, np.ndarray] = {}
+    written_biases: dict[str, tuple[str, np.ndarray]] = {}
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), skeleton.arch)
         _add_metadata(writer, skeleton, extra)
-        for name, arr in skeleton.float_tensors.items():  # norms etc.: float32, as llama.cpp's converter writes them
-            writer.add_tensor(name, arr.astype(np.float32))
         for t in tqdm(inputs, desc="write gguf", unit="tensor", disable=not progress):
             type_name = types[t.ref.name]
             hessian = None if hessians is None else hessians.get(t.ref.name)
@@ -372,11 +446,21 @@ def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[
                 raw, deq = quantize_dequantize(type_name, t)
             dequantized[t.ref.name] = unpermute(deq, t.heads) if t.heads else deq
             add_tensor_data(writer, t, type_name, raw)
+            if biases and t.ref.name in biases:
+                bname, mean = biases[t.ref.name]
+                # [rows]: the layer's mean output over the calibration inputs is kept (llama.cpp row order
+                # on both sides, so a permuted Q/K bias stays aligned with its rows)
+                shift = (deq.astype(np.float64) - t.weight) @ mean.astype(np.float64)
+                base = floats.get(bname, np.zeros(t.ref.rows, np.float32)).astype(np.float64)
+                floats[bname] = written = (base - shift).astype(np.float32)
+                written_biases[t.ref.name] = (bname, written)
+        for name, arr in floats.items():  # float32, as llama.cpp's converter writes them
+            writer.add_tensor(name, arr.astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return GGUFResult(Path(path), os.path.getsize(path), dequantized)
+    return GGUFResult(Path(path), os.path.getsize(path), dequantized, written_biases)
 
 
 def read_back_check(result: GGUFResult, gmenu: GGUFMenu) -> dict[str, int]:
@@ -406,6 +490,12 @@ def read_back_check(result: GGUFResult, gmenu: GGUFMenu) -> dict[str, int]:
             if not np.array_equal(got, expected):
                 raise CvxqError(f"GGUF read-back mismatch in {t.gguf_name} ({name}, {which})", "this is a bug; please report it")
             checked[which] += 1
+    for bname, written in result.biases.values():
+        entry = directory.get(bname)
+        got = None if entry is None else entry.data[: written.size * 4].view(np.float32)
+        if got is None or not np.array_equal(got, written):
+            raise CvxqError(f"GGUF read-back mismatch in bias {bname}", "this is a bug; please report it")
+        checked["biases"] = checked.get("biases", 0) + 1
     return checked
 
 
@@ -425,29 +515,60 @@ def _modeled_speed(gmenu: GGUFMenu, plan: Plan) -> dict[str, float]:
                       [t.option for t in plan.tensors])
 
 
+def input_means(loaded: LoadedModel, sens) -> dict[str, np.ndarray]:
+    """HF weight name -> ``[cols]`` mean calibration input, where the sensitivities have it."""
+    return {ref.name: sens[ref.name].input_mean for ref in loaded.weights if sens[ref.name].input_mean is not None}
+
+
+def set_torch_weights(loaded: LoadedModel, result: GGUFResult, gmenu: GGUFMenu) -> None:
+    """Put the file's dequantized weights and biases into the PyTorch model, so that
+    evaluating it evaluates the file."""
+    import torch
+
+    heads = {t.ref.name: t.heads for t in gmenu.inputs}
+    with torch.no_grad():
+        for ref in loaded.weights:
+            param = loaded.model.get_parameter(ref.name)
+            t = torch.from_numpy(result.dequantized[ref.name])
+            param.copy_((t.t() if ref.transposed else t).to(param.dtype))
+            if ref.name in result.biases:
+                module = loaded.model.get_submodule(ref.module)
+                b = torch.from_numpy(result.torch_bias(ref.name, heads[ref.name]))
+                if getattr(module, "bias", None) is None:  # a projection without a bias gets one
+                    module.bias = torch.nn.Parameter(b.to(param.dtype), requires_grad=False)
+                else:
+                    module.bias.copy_(b.to(module.bias.dtype))
+
+
+def _bias_note(result: GGUFResult, bias_correction: bool, loaded: LoadedModel) -> str:
+    arch = gguf_arch(loaded.model_type)
+    if not bias_correction:
+        where = ("llama.cpp loads optional biases on this architecture's projections" if arch in OPTIONAL_BIASES
+                 else "only the source's own biases could be corrected on this architecture")
+        return f"off ({where}; --bias-correction writes them)"
+    return (f"{len(result.biases)} bias tensors corrected (b' = b - (W_hat - W) x_mean; lossless tensors need none)"
+            if result.biases else "on, but nothing to correct (every tensor lossless, or no input means)")
+
+
 def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_windows: np.ndarray | None = None,
                 progress: bool = True, plan: Plan | None = None, hessians: dict[str, np.ndarray] | None = None,
-                speed: float | None = None) -> dict:
+                speed: float | None = None, bias_correction: bool = False) -> dict:
     """Plan, write, read back, and check in llama.cpp against PyTorch. The
     model's weights are left set to the GGUF's dequantized values.
     ``hessians`` (see :func:`pipeline.input_hessians`) turns on error feedback;
-    ``speed`` limits the modeled llama.cpp time (:func:`plan_gguf`)."""
-    import torch
-
+    ``speed`` limits the modeled llama.cpp time (:func:`plan_gguf`); ``bias_correction``
+    writes CVXQ's bias corrections (:func:`write_gguf`)."""
     from ..evaluate import evaluate
 
     gmenu = build_menu(tensor_inputs(loaded, sens, loaded.weights), progress=progress)
     if plan is None:
-        plan, gmenu = plan_gguf(loaded, sens, budget, progress=progress, gmenu=gmenu, speed=speed)
+        plan, gmenu = plan_gguf(loaded, sens, budget, progress=progress, gmenu=gmenu, speed=speed,
+                                bias_correction=bias_correction)
     plan.save(out_dir / "plan.json")
-    result = write_gguf(loaded, plan, gmenu, out_dir / "model.gguf", progress=progress, hessians=hessians)
+    result = write_gguf(loaded, plan, gmenu, out_dir / "model.gguf", progress=progress, hessians=hessians,
+                        input_means=input_means(loaded, sens) if bias_correction else None)
     checked = read_back_check(result, gmenu)["llama_cpp_dequantizer"]
-    with torch.no_grad():
-        for name, w in result.dequantized.items():
-            ref = next(r for r in loaded.weights if r.name == name)
-            param = loaded.model.get_parameter(name)
-            t = torch.from_numpy(w)
-            param.copy_((t.t() if ref.transposed else t).to(param.dtype))
+    set_torch_weights(loaded, result, gmenu)
     types: dict[str, int] = {}
     for t in plan.tensors:
         types[t.option] = types.get(t.option, 0) + 1
@@ -457,7 +578,7 @@ def export_gguf(loaded: LoadedModel, sens, budget: int, out_dir: Path, *, eval_w
             "error_feedback": bool(hessians),
             "rd_curve": _rd_curve(gmenu, plan, loaded),
             "source_grid_note": ("Q4_1 reproduces SmolLM2's source grid (lossless for Q4_1 tensors)" if "Q4_1" in types else None),
-            "bias_correction": "not exported: llama.cpp's llama architecture loads no bias tensors for these projections",
+            "bias_correction": _bias_note(result, bias_correction, loaded),
             "modeled_llama_cpp_us": _modeled_speed(gmenu, plan)}
     if eval_windows is not None:
         from .llama_eval import llama_generate, llama_perplexity
