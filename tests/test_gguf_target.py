@@ -154,6 +154,63 @@ def test_gguf_from_hf_directory(tmp_path, tiny_llama_bpe_dir, eval_text):
     assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
 
 
+def test_bias_correction_keeps_source_biases(tmp_path, tiny_llama_bpe_dir):
+    """A source with attention biases: --bias-correction corrects them in place (Q/K in
+    llama.cpp's row order) and adds biases only where the source had none."""
+    import shutil
+
+    import gguf
+    import torch
+    from llama_cpp import Llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cvxq_export.calibrate import CalibrationSettings
+    from cvxq_export.formats.gguf_target import export_gguf
+    from cvxq_export.model import load_model
+    from cvxq_export.pipeline import calibrate_cached
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_bpe_dir, src)
+    config = LlamaConfig.from_pretrained(src)
+    config.attention_bias = True
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(src)
+    loaded = load_model(str(src))
+    before = {}
+    for ref in loaded.weights:
+        module = loaded.model.get_submodule(ref.module)
+        before[ref.name] = (loaded.weight_tensor(ref).detach().double().clone(),
+                            None if getattr(module, "bias", None) is None else module.bias.detach().double().clone())
+    sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
+    info = export_gguf(loaded, sens, 250_000, tmp_path / "out", progress=False, bias_correction=True)
+    assert info["file_bytes"] <= 250_000
+    names = {t.name for t in gguf.GGUFReader(info["path"]).tensors}
+    for i in range(2):
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            assert f"blk.{i}.{proj}.bias" in names
+    for ref in loaded.weights:
+        if ref.kind != "linear":
+            continue
+        w, b = before[ref.name]
+        module = loaded.model.get_submodule(ref.module)
+        mean = torch.from_numpy(sens[ref.name].input_mean).double()
+        want = w @ mean + (0 if b is None else b)
+        got = module.weight.double() @ mean + module.bias.double()
+        assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()) + 1e-6), ref.name
+    ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref_logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    assert np.abs(got - ref_logits).max() < 2e-2 * np.abs(ref_logits).max()
+
+
 def test_gguf_hf_unsupported_tokenizer(tmp_path, tiny_llama_dir):
     """A WordLevel tokenizer has no llama.cpp equivalent: a clear error, no file."""
     from cvxq_export.errors import CvxqError
