@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-correction", action="store_true",
                    help="gguf: write CVXQ's bias correction b' = b - (W_hat - W) x_mean as the optional bias tensors "
                         "llama.cpp loads for the llama architecture (float32, charged to the budget; lossless tensors get "
-                        "none). Off by default: with error feedback it moved SmolLM2's perplexity by -0.02 / +0.07 "
-                        "(docs/benchmarks.md)")
+                        "none). Off by default: with error feedback it moved SmolLM2's perplexity by -0.04 at 82.9 MB "
+                        "and +0.41 at 74 MB (docs/benchmarks.md)")
     p.add_argument("--no-analysis", action="store_true",
                    help="skip the compressibility / load-time analysis of the written files at the end (~15 s per 75 MB)")
     p.add_argument("--compress", default="none", metavar="CODEC",
