@@ -130,7 +130,6 @@ def test_random_bytes_do_not_compress_and_zeros_do(name):
 def test_entropy_coder_is_close_to_the_order0_bound():
     codec = need("ans")
     data = laplace_bytes(256 * KiB, seed=3)
-    h = byte_entropy(data).bits_per_symbol
     r = measure(data, codec, min_seconds=0.01)
     # table (<= 521 bytes) + 24-bit ANS quantization: within 0.02 bits/byte of the bound
     assert 0 <= r.gap_to_entropy_bits_per_byte < 0.02

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from cvxq_export.cli import main
-from cvxq_export.errors import CvxqError
 from cvxq_export.plan import Plan
 
 FAST = ["--windows", "3", "--seq-len", "32", "--n-pcs", "8", "-q"]

@@ -102,3 +102,29 @@ def test_error_feedback_with_uncorrelated_inputs_is_plain_rounding(weights):
     # same scales; every weight takes its nearest level, so never further than libggml's code
     assert np.array_equal(raw.reshape(64, 8, 18)[:, :, :2], blockwise.reshape(64, 8, 18)[:, :, :2])
     assert np.all(np.abs(w - deq) <= np.abs(w - plain) + 1e-7)
+
+
+@pytest.mark.parametrize("name", ["IQ4_NL", "Q4_K"])
+def test_energy_order_keeps_row_layout_and_lowers_output_error(name):
+    """Blocks fixed from the largest input energy down: the bytes still decode in row
+    order to exactly the values returned, and the output error is no worse than left to
+    right when a few blocks carry most of the input energy."""
+    from cvxq_export.formats.ggml_feedback import quantize_rows_feedback
+    from cvxq_export.formats.ggml_quant import dequantize_rows_ggml
+
+    rng = np.random.default_rng(5)
+    n = 1024
+    w, imp = rng.laplace(0, 0.02, (32, n)).astype(np.float32), rng.random((32, n)).astype(np.float32) ** 4
+    scale = np.repeat(rng.choice([0.2, 1.0, 4.0], n // 32), 32)  # per-32-column input scale
+    h = _correlated_inputs(n, seed=6) * np.outer(scale, scale)
+
+    def output_error(q):
+        return float(np.einsum("ij,jk,ik->", w - q, h, w - q))
+
+    raw_e, deq_e = quantize_rows_feedback(name, w, imp, h, order="energy")
+    raw_n, deq_n = quantize_rows_feedback(name, w, imp, h, order="natural")
+    assert np.array_equal(dequantize_rows_ggml(name, raw_e, n), deq_e)
+    assert raw_e.shape == raw_n.shape
+    assert output_error(deq_e) <= 1.01 * output_error(deq_n)
+    with pytest.raises(ValueError, match="order"):
+        quantize_rows_feedback(name, w, imp, h, order="random")

@@ -66,12 +66,17 @@ def _feedback_chunk(name: str) -> int:
 
 
 def quantize_rows_feedback(name: str, w: np.ndarray, importance: np.ndarray | None, hessian: np.ndarray, *,
-                           damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+                           damp: float = 0.01, order: str = "energy") -> tuple[np.ndarray, np.ndarray]:
     """Quantize ``w`` ``[rows, n]`` to ggml type ``name`` with error feedback.
 
     Returns (raw ``[rows, row_bytes]`` uint8, dequantized ``[rows, n]`` float32).
     ``importance`` (``[rows, n]``, ``[n]`` or None) steers libggml's per-block
     scale search as in :func:`ggml_quant.quantize_rows`.
+    ``order``: "energy" fixes the ggml blocks from the largest input energy (the
+    block's share of diag H) down, GPTQ's act-order at block granularity: the blocks
+    that matter most are rounded while the most columns remain to absorb their error
+    (measured on SmolLM2 layers at IQ4_NL / Q4_0 / Q5_0: 2-9 % less output error than
+    left to right); "natural" goes left to right. The bytes stay in row order.
     """
     rows, n = w.shape
     if hessian.shape != (n, n):
@@ -79,6 +84,26 @@ def quantize_rows_feedback(name: str, w: np.ndarray, importance: np.ndarray | No
     chunk = _feedback_chunk(name)
     if n % chunk:
         raise ValueError(f"{name}: row length {n} is not a multiple of its block {chunk}")
+    if order == "natural":
+        return _feedback_left_to_right(name, w, importance, hessian, damp)
+    if order != "energy":
+        raise ValueError(f"order must be 'energy' or 'natural', not {order!r}")
+    nb = n // chunk
+    blocks = np.argsort(-np.diag(hessian).reshape(nb, chunk).sum(1), kind="stable")  # [nb] processing order
+    perm = (blocks[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)            # [n] columns in that order
+    imp = None if importance is None else importance[..., perm]
+    raw_p, deq_p = _feedback_left_to_right(name, w[:, perm], imp, hessian[np.ix_(perm, perm)], damp)
+    raw = np.empty_like(raw_p)                                                          # [rows, row_bytes]
+    raw.reshape(rows, nb, -1)[:, blocks] = raw_p.reshape(rows, nb, -1)  # k-th block fixed = original block blocks[k]
+    deq = np.empty_like(deq_p)
+    deq[:, perm] = deq_p
+    return raw, deq
+
+
+def _feedback_left_to_right(name: str, w: np.ndarray, importance: np.ndarray | None, hessian: np.ndarray,
+                            damp: float) -> tuple[np.ndarray, np.ndarray]:
+    rows, n = w.shape
+    chunk = _feedback_chunk(name)
     u = inverse_hessian_factor(hessian, damp)           # [n, n]
     work = np.array(w, dtype=np.float32, copy=True)     # [rows, n], updated in place as blocks are fixed
     raws, deqs = [], []
