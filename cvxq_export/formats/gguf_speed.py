@@ -21,10 +21,12 @@ times. A plan's modeled time per token is then
     base_us(phase) + sum over tensors of weights * extra_ns(group, type, phase) / 1000
 
 and the planner weighs one generated and one prompt token alike (``speed_times_us``).
-Why a reference "fastest file of the same size" rather than a preset: presets need
-llama.cpp's quantizer and an F16 file at fit time; the fastest mix of our own menu at
-the budget is computable from the table, and the presets sit near it (mostly the
-fast types). ``fit --format gguf --decode-speed R`` keeps the
+Why a reference "fastest file of the same size" rather than a preset: a preset's types
+are cheap to get (llama.cpp's quantizer has a dry run, ``benchmarks/bench_llama_recipes.py``),
+but "the preset of this size" is not well defined: llama.cpp's recipes of one size differ
+by up to 1.5x in modeled time on SmolLM2, and the one of the nearest size jumps between
+them as the budget moves. The fastest mix of our own menu at the budget is well defined
+and computable from the table; the issue's presets sit at 0.8-0.95 of it. ``fit --format gguf --decode-speed R`` keeps the
 modeled time within 1/R of that fastest mix.
 """
 from __future__ import annotations
