@@ -535,7 +535,11 @@ def _report_and_analyze(args, out: Path, *, plan, loaded, sens, evaluation: dict
     """
     from .report import Artifact, container_choice, run_analysis, write_report
 
-    notes: list[str] = []
+    # the planner's own notes (a speed limit that binds before the bytes, tied siblings, ...)
+    # belong in the report a person reads, not only in plan.json
+    notes: list[str] = [f"plan: {n}" for n in (plan.notes if plan is not None else [])]
+    for n in notes:
+        _log(args, n)
     artifacts = list(artifacts)
     if curve is None and native_menu is not None and plan is not None:
         from .analysis.rd_curve import native_rd_curve

@@ -33,7 +33,9 @@ def cache_dir() -> Path:
 def sensitivities_key(fingerprint: str, settings: CalibrationSettings, text: str) -> str:
     h = hashlib.sha256()
     h.update(fingerprint.encode())
-    h.update(repr(sorted(asdict(settings).items())).encode())
+    # The text is identified by its hash, not by the label (the path as the user spelled it):
+    # the same file by a relative or absolute path, or a copy of it, is the same calibration
+    h.update(repr(sorted((k, v) for k, v in asdict(settings).items() if k != "calibration")).encode())
     h.update(hashlib.sha256(text.encode()).digest())
     return h.hexdigest()[:20]
 

@@ -350,7 +350,7 @@ def render(data: ReportData, plots: dict[str, dict]) -> str:
         lines += [f"| {100 * r['factor']:.0f} % | {format_size(r['bytes'])} | {r['distortion']:.4e} |" for r in c["at_budgets"]]
         lines.append("")
     else:
-        lines += ["Not available for this run (" + next((n for n in data.notes if "curve" in n), "no menu") + ").", ""]
+        lines += ["Not available for this run (" + next((n for n in data.notes if n.startswith("size-vs-distortion curve")), "no menu") + ").", ""]
     ev = data.evaluation or {}
     if "eval" in ev and "original" in ev["eval"]:
         e = ev["eval"]
@@ -377,7 +377,7 @@ def render(data: ReportData, plots: dict[str, dict]) -> str:
             lines += [render_markdown(result, heading_level=3, max_tensors=10).rstrip(), ""]
             lines += _image(plots, f"load_times_{fmt}", f"Load time per device: {fmt}")
     else:
-        lines += ["Not run (" + next((n for n in data.notes if "analysis" in n), "no artifact") + ").", ""]
+        lines += ["Not run (" + next((n for n in data.notes if n.startswith("analysis:")), "no artifact") + ").", ""]
     if data.compressed:
         c = data.compressed
         lines += ["### Compressed container", "",

@@ -110,3 +110,18 @@ def test_opt_calibrates(tiny_opt_dir):
     settings = CalibrationSettings(n_windows=2, seq_len=16, n_pcs=4, pca_windows=2)
     sens = calibrate(opt, _windows(opt, 2), settings, progress=False)
     assert all(sens[r.name].grad_sq.sum() > 0 for r in opt.weights)
+
+
+def test_cache_key_follows_the_text_not_the_path_spelling():
+    """The same calibration file given by a relative and an absolute path (or copied) must
+    reuse the cached sensitivities; another text or other settings must not."""
+    from cvxq_export.calibrate import CalibrationSettings
+    from cvxq_export.pipeline import sensitivities_key
+
+    rel = CalibrationSettings(calibration="../shared/data/wikitext-2/valid.txt")
+    absolute = CalibrationSettings(calibration="/work/shared/data/wikitext-2/valid.txt")
+    assert sensitivities_key("model", rel, "some text") == sensitivities_key("model", absolute, "some text")
+    assert sensitivities_key("model", rel, "some text") != sensitivities_key("model", rel, "other text")
+    assert sensitivities_key("model", rel, "some text") != sensitivities_key("model", CalibrationSettings(
+        calibration=rel.calibration, n_windows=32), "some text")
+    assert sensitivities_key("model", rel, "some text") != sensitivities_key("other model", rel, "some text")

@@ -34,6 +34,9 @@ def test_gguf_export_budgets(capsys, tmp_path, tiny_gguf, eval_text, budget_mb):
     assert info["readback_tensors_bit_exact"] == 15  # 7 linears x 2 layers + the tied embedding
     assert info["eval"]["within_0.5_percent"], info["eval"]
     assert not list(out.glob(".*.tmp"))
+    # the planner's speed note reaches the report a person reads (and stderr), not only plan.json
+    assert "- plan: llama.cpp speed: modeled" in (out / "report.md").read_text()
+    assert "plan: llama.cpp speed: modeled" in captured.err
 
 
 def test_llama_cpp_logits_match_pytorch(tmp_path, tiny_gguf, eval_text):
@@ -290,7 +293,7 @@ def test_speed_limit_keeps_the_modeled_llama_cpp_time(tiny_gguf):
 
     from cvxq_export.calibrate import CalibrationSettings
     from cvxq_export.formats import gguf_speed as gs
-    from cvxq_export.formats.gguf_target import build_menu, plan_gguf, tensor_inputs
+    from cvxq_export.formats.gguf_target import build_menu, plan_gguf, size_range, tensor_inputs
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
 
@@ -315,4 +318,21 @@ def test_speed_limit_keeps_the_modeled_llama_cpp_time(tiny_gguf):
         assert modeled(timed) <= limit + 1.0
         assert timed.total_bytes <= budget
         assert timed.distortion >= free.distortion  # a limit can only cost accuracy
+        # the note says the limit leaves bytes unspent only when it does (the free plan spends them)
+        if "binds before the byte budget" in note:
+            assert timed.total_bytes < 0.99 * budget, note
+            assert free.total_bytes > timed.total_bytes + 0.01 * budget and free.distortion < timed.distortion, note
     assert modeled(timed) <= modeled(free) + 1e-6
+
+    # At the largest file size the fastest mix is far smaller: the limit binds first, and the plan says so
+    big = size_range(loaded)[1]
+    capped, _ = plan_gguf(loaded, sens, big, gmenu=gmenu, progress=False, speed=1.0)
+    assert capped.total_bytes < 0.99 * big
+    unspent = re.search(r"the file is ([\d,]+) of ([\d,]+) bytes", " ".join(capped.notes))
+    assert unspent, capped.notes
+    assert int(unspent.group(1).replace(",", "")) == capped.total_bytes
+    # a limit that never binds gives the unlimited plan (this once returned the fastest plan: with the
+    # embedding pinned the tiny model's largest file is under the budget, and every pinned type was skipped)
+    loose, _ = plan_gguf(loaded, sens, budget, gmenu=gmenu, progress=False, speed=0.01)
+    assert loose.distortion == pytest.approx(free.distortion, rel=1e-9)
+    assert not any("binds before the byte budget" in n for n in loose.notes), loose.notes

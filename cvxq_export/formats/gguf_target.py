@@ -311,6 +311,10 @@ def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
     return plan, gmenu
 
 
+# a speed-limited plan below this share of its budget gets a note saying the limit binds first
+UNSPENT_BUDGET_NOTE = 0.99
+
+
 def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
     """Allocate on distortion + mu x modeled time, mu bisected to the smallest that keeps
     the time within 1/``speed`` of the fastest plan of this size (a second Lagrange
@@ -344,9 +348,12 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
         legal = m.legal.copy()
         legal[big] = False
         legal[big, j] = True
+        restricted = Menu(m.cost, m.distortion, legal)
+        # With the tensor pinned the largest file can be smaller than the budget: that buys the
+        # largest file (as in plan_gguf), it does not rule the type out
         try:
-            found = search_two_limits(Menu(m.cost, m.distortion, legal), times, time_cap, budget, fixed,
-                                      scales=scales, steps_from_zero=18)
+            found = search_two_limits(restricted, times, time_cap, min(budget, cost_range(restricted, fixed)[1]),
+                                      fixed, scales=scales, steps_from_zero=18)
         except InfeasibleBudget:  # no file of this size has the tensor at this type
             continue
         if found.choice is not None and float(m.distortion[rows, found.choice].sum()) < best_d:
@@ -358,6 +365,17 @@ def _speed_limited(gmenu: GGUFMenu, budget: int, fixed: int, speed: float):
             f"the fastest file of this size {total(fastest.choice):.0f} us, limit {limit:.0f} us for >= {speed} x its "
             f"speed (from {point} with {gmenu.inputs[big].gguf_name} at {gmenu.columns[best[big]]}, then "
             f"single-tensor moves; cvxq_export.formats.gguf_speed)")
+    # Past some size the fastest mix stops getting faster while the accurate types keep
+    # getting slower, so the time limit binds first and the file stops growing: say so,
+    # since "fit into N bytes" users expect the bytes to be spent.
+    # (Only where the bytes would buy something: a budget past the most accurate file is
+    # left unspent with or without a limit.)
+    if alloc.cost < UNSPENT_BUDGET_NOTE * budget:
+        free = allocate(m, budget, fixed)
+        if free.cost > alloc.cost + (1 - UNSPENT_BUDGET_NOTE) * budget and free.distortion < best_d:
+            lower = f"e.g. {speed - 0.05:.2f}, or 0 for no limit" if speed > 0.1 else "0: no limit"
+            note += (f". The speed limit binds before the byte budget: the file is {alloc.cost:,} of {budget:,} "
+                     f"bytes; a lower --decode-speed ({lower}) spends the rest on accuracy")
     return alloc, note
 
 
