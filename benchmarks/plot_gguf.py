@@ -24,15 +24,24 @@ ap.add_argument("ours")
 ap.add_argument("presets")
 ap.add_argument("out")
 ap.add_argument("--also", action="append", default=[], help="LABEL=FILE.json")
+ap.add_argument("--label", default="cvxq-export GGUF (CVXQ allocation + error feedback)", help="label of the main curve")
 args = ap.parse_args()
-ours = [r for r in json.load(open(args.ours))["rows"] if "file_bytes" in r]
+
+
+def curve(path: str) -> list[dict]:
+    """Rows with a file, one per file size (budgets past a speed limit make the same file), by size."""
+    rows = {r["file_bytes"]: r for r in json.load(open(path))["rows"] if "file_bytes" in r}
+    return [rows[k] for k in sorted(rows)]
+
+
+ours = curve(args.ours)
 presets = json.load(open(args.presets))["rows"]
 fig, ax = plt.subplots(figsize=(8, 5))
 ax.plot([r["file_bytes"] / 1e6 for r in ours], [r["perplexity"] for r in ours], "o-", color="tab:blue",
-        label="cvxq-export GGUF (CVXQ allocation + error feedback)")
+        label=args.label)
 for spec, style in zip(args.also, ["x--", "v-.", "*:"]):
     label, path = spec.split("=", 1)
-    extra = [r for r in json.load(open(path))["rows"] if "file_bytes" in r]
+    extra = curve(path)
     ax.plot([r["file_bytes"] / 1e6 for r in extra], [r["perplexity"] for r in extra], style, label=label, alpha=0.8)
 f16 = next((r for r in presets if r["preset"] == "F16"), None)
 for r in presets:
