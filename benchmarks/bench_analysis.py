@@ -9,7 +9,7 @@ uses the codec and chunk size the analysis recommends for that device, or
 zstd-3 in 1 MiB chunks where it recommends none (the model is checked either way).
 
     python benchmarks/bench_analysis.py FILE [FILE ...] [--throttle-device raspberry-pi-5-4gb ...]
-        [--md docs/bench_analysis.md] [--json docs/bench_analysis.json]
+        [--md docs/results/analysis/load_time.md] [--json docs/results/analysis/load_time.json]
 
 The validation runs on this machine's CPU (CPU factor 1: no device's decode
 speed is emulated), so it checks the model's arithmetic (read, decode,
@@ -18,7 +18,6 @@ overlap, start-up), not the device profiles' estimates.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,11 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import protocol  # benchmarks/protocol.py
 from cvxq_export.analysis.analyze import analyze_file
 from cvxq_export.analysis.throttle import validate
 from cvxq_export.devices import list_devices, load_device
-from cvxq_export.report import container_choice
+from cvxq_export.analysis.advice import container_choice
 
+DEFAULT_JSON = protocol.result_path("analysis", "load_time.json")
 DEFAULT_THROTTLE = ("raspberry-pi-5-4gb",)
 # Only the Raspberry Pi profiles (microSD, 90 MB/s) read slowly enough to emulate here; the others read at
 # 1.5-1.8 GB/s, faster than this machine stores bytes into fresh memory (~0.8 GB/s measured, see the docs).
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                          "0 for none)")
     ap.add_argument("--repeats", type=int, default=2, help="loads per measurement; the fastest is kept (default 2)")
     ap.add_argument("--md", default=None, help="write the Markdown output here too")
-    ap.add_argument("--json", default=None, help="write every number here")
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"write every number here (default {protocol.shown(DEFAULT_JSON)})")
     args = ap.parse_args(argv)
     devices = [load_device(d) for d in list_devices()]
     throttle = [(d.name, d.storage_read_mb_s) for d in map(load_device, args.throttle_device or DEFAULT_THROTTLE)]
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
              "Command: `python benchmarks/bench_analysis.py " + " ".join(args.files)
              + "".join(f" --throttle-device {d}" for d in (args.throttle_device or []))
              + "".join(f" --throttle-speed {s:g}" for s in (args.throttle_speed or [])) + "`", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. "
-             "**Decode throughputs are noisy**: the machine has 2 cores and other benchmarks ran at the same time; "
-             "each throughput is the best of several rounds, each throttled load the fastest of "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+             f"load average {protocol.load_average()}. **Decode throughputs are noisy** where other work shares the "
+             "cores: each throughput is the best of several rounds, each throttled load the fastest of "
              f"{args.repeats}.", "",
              "### Files", "",
              "| file | size | order-0 entropy bound | best codec (1 MiB chunks) | zstd-3 | lz4 | decode MB/s here (best codec) |",
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| `{_label(c['file'])}` | {c['read_MBps']:g} MB/s ({c['device']}) | {c['mode']} | {cont} | "
                      f"{_s(c['predicted_s'])} | {_s(c['measured_s'])} | {100 * c['rel_error']:+.1f} % |")
     worst = max((abs(c["rel_error"]) for c in checks), default=0.0)
-    lines += ["", f"Largest disagreement: {100 * worst:.1f} % (the issue's bar is 15 %). The container's decode speed "
+    lines += ["", f"Largest disagreement: {100 * worst:.1f} % (target: within 15 %). The container's decode speed "
                   "in the prediction is its own chunk decoder (codec + CRC-32 check) timed on the file's chunks here; "
                   "the container is the packed reader's `*.cvxqz` (for a GGUF file it only measures the model: "
                   "llama.cpp does not read the container).", ""]
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         Path(args.md).write_text(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"files": rows, "throttled": checks}, indent=1, default=str))
+        protocol.write_results(args.json, {"files": rows, "throttled": checks})
     return 0
 
 

@@ -1,7 +1,7 @@
 """CVXQ (native menu) vs round-to-nearest at equal bytes on SmolLM2-135M.
 
-Protocol (issue 2): calibrate on ../shared/data/wikitext-2/valid.txt (64
-windows x 512 tokens), evaluate perplexity on the first 20 windows of 512
+Protocol (benchmarks/protocol.py): calibrate on ../shared/data/wikitext-2/valid.txt
+(64 windows x 512 tokens), evaluate perplexity on the first 20 windows of 512
 tokens of test.txt, each from an empty cache, in PyTorch with dequantized
 weights. Only the transformer blocks' linear layers are quantized; the tied
 embedding/head stays as loaded. RTN: asymmetric min/max per 64 consecutive
@@ -10,28 +10,22 @@ so it cannot reproduce SmolLM2's Q4_1 weights). CVXQ gets exactly the bytes
 RTN uses for the same tensors (its own scales, offsets and bit-depth map
 included).
 
-    python benchmarks/bench_engine.py [--windows 64] [--eval-windows 20] [--json out.json]
+    python benchmarks/bench_engine.py [--windows 64] [--eval-windows 20] [--json docs/results/engine/cvxq_vs_rtn.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-from cvxq_export.calibrate import CalibrationSettings
-from cvxq_export.evaluate import evaluate
-from cvxq_export.model import load_model
+import protocol  # benchmarks/protocol.py
 from cvxq_export.native import build_menu, tensor_padding_allowance
-from cvxq_export.pipeline import apply_quantized, calibrate_cached, fixed_bytes, plan_native, quantize_plan, select_weights
+from cvxq_export.pipeline import apply_quantized, fixed_bytes, plan_native, quantize_plan, select_weights
 from cvxq_export.quantizers import rtn_bytes, rtn_groupwise
-from cvxq_export.textdata import evaluation_windows
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
+DEFAULT_JSON = protocol.result_path("engine", "cvxq_vs_rtn.json")
 
 
 def peak_rss_mb() -> float:
@@ -40,20 +34,19 @@ def peak_rss_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--windows", type=int, default=protocol.CALIBRATION_WINDOWS)
+    ap.add_argument("--eval-windows", type=int, default=protocol.EVAL_WINDOWS)
     ap.add_argument("--rtn-bits", default="2,3,4")
     ap.add_argument("--rtn-group", type=int, default=64)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"result file (default {protocol.shown(DEFAULT_JSON)})")
     args = ap.parse_args()
-    if not DATA.is_dir():
-        sys.exit(f"benchmark data not found at {DATA} (expects ../shared/data/wikitext-2 beside the repo)")
+    protocol.require_data()
 
     torch.manual_seed(0)
-    loaded = load_model(None)
-    eval_ids = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    loaded = protocol.load_default_model()
+    eval_ids = protocol.evaluation_ids(loaded.tokenizer, args.eval_windows)
     t0 = time.perf_counter()
-    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), CalibrationSettings(n_windows=args.windows, seq_len=512))
+    outcome = protocol.calibrate(loaded, protocol.calibration_settings(args.windows))
     cal_s = time.perf_counter() - t0
     rss_cal = peak_rss_mb()
     print(f"calibration: {outcome.sens.seconds:.0f} s ({'cached' if outcome.cached else 'fresh'}), peak RSS {rss_cal:.0f} MB", flush=True)
@@ -67,7 +60,7 @@ def main() -> None:
                 loaded.model.get_parameter(r.name).copy_(originals[r.name])
 
     rows = []
-    base = evaluate(loaded.model, eval_ids, desc="eval fp")
+    base = protocol.torch_perplexity(loaded.model, eval_ids, desc="eval fp")
     rows.append({"method": "original (dequantized Q4_1 source)", "bytes": None, "bpw": None, "perplexity": base.perplexity})
     print(f"original: ppl {base.perplexity:.3f}", flush=True)
     t_menu = time.perf_counter()
@@ -82,7 +75,7 @@ def main() -> None:
         with torch.no_grad():
             for r in refs:
                 loaded.model.get_parameter(r.name).copy_(rtn_groupwise(originals[r.name].float(), bits, args.rtn_group))
-        rtn = evaluate(loaded.model, eval_ids, desc=f"eval rtn{bits}")
+        rtn = protocol.torch_perplexity(loaded.model, eval_ids, desc=f"eval rtn{bits}")
         restore()
         rows.append({"method": f"RTN {bits}-bit g{args.rtn_group}", "bytes": rtn_total, "bpw": 8 * rtn_total / n_weights,
                      "perplexity": rtn.perplexity})
@@ -90,7 +83,7 @@ def main() -> None:
         assert plan.quantized_bytes <= rtn_total
         q = quantize_plan(loaded, outcome.sens, plan)
         apply_quantized(loaded, q, outcome.sens)
-        cv = evaluate(loaded.model, eval_ids, desc=f"eval cvxq@{bits}")
+        cv = protocol.torch_perplexity(loaded.model, eval_ids, desc=f"eval cvxq@{bits}")
         restore()
         rows.append({"method": f"CVXQ native @ RTN {bits}-bit bytes", "bytes": plan.quantized_bytes,
                      "bpw": 8 * plan.quantized_bytes / n_weights, "perplexity": cv.perplexity, "lambda": plan.lam})
@@ -106,7 +99,7 @@ def main() -> None:
         print(f"| {r['method']} | {b} | {bpw} | {r['perplexity']:.2f} |")
     print(f"\ncalibration {outcome.sens.seconds:.0f} s, menu {menu_s:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        protocol.write_results(args.json, result)
 
 
 if __name__ == "__main__":

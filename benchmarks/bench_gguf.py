@@ -1,10 +1,15 @@
 """CVXQ-allocated GGUF files in llama.cpp at several file budgets (SmolLM2-135M).
 
-Protocol (issue 3): calibrate on valid.txt (64 x 512, cached), perplexity in
-llama.cpp (llama-cpp-python) on the first 20 windows of 512 tokens of
-test.txt, each window from an empty cache; the budget is the .gguf file on disk.
+Protocol (benchmarks/protocol.py): calibrate on valid.txt (64 x 512, cached),
+perplexity in llama.cpp (llama-cpp-python) on the first 20 windows of 512 tokens
+of test.txt, each window from an empty cache; the budget is the .gguf file on disk.
 
-    python benchmarks/bench_gguf.py [--budgets 65,70,74.0,...] [--json docs/bench_gguf.json]
+    python benchmarks/bench_gguf.py [--budgets 65,70,74.0,...] [--decode-speed R] [--json FILE]
+
+The result goes to docs/results/gguf/ unless --json says otherwise, named by the
+variant: perplexity_vs_budget.json (fit's defaults), perplexity_no_speed_limit.json
+(--decode-speed 0), perplexity_decode_speed_<R>.json, perplexity_no_error_feedback.json,
+bias_correction.json.
 """
 from __future__ import annotations
 
@@ -14,41 +19,54 @@ import os
 import time
 from pathlib import Path
 
-from cvxq_export.calibrate import CalibrationSettings
-from cvxq_export.cli import DEFAULT_DECODE_SPEED
+import protocol  # benchmarks/protocol.py
 from cvxq_export.errors import InfeasibleBudget
-from cvxq_export.formats.gguf_target import build_menu, input_means, plan_gguf, read_back_check, tensor_inputs, write_gguf
-from cvxq_export.formats.llama_eval import llama_generate, llama_perplexity
-from cvxq_export.model import load_model
-from cvxq_export.pipeline import calibrate_cached, input_hessians
-from cvxq_export.textdata import evaluation_windows
+from cvxq_export.formats.gguf.llama_eval import llama_generate
+from cvxq_export.formats.gguf.target import build_menu, input_means, plan_gguf, read_back_check, tensor_inputs, write_gguf
+from cvxq_export.formats.registry import get_format
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
+DEFAULT_DECODE_SPEED = get_format("gguf").default_decode_speed
+
+
+def default_json(args) -> Path:
+    """docs/results/gguf/<variant>.json for the options given."""
+    if args.no_error_feedback:
+        name = "perplexity_no_error_feedback.json"
+    elif args.bias_correction:
+        name = "bias_correction.json"
+    elif not args.decode_speed:
+        name = "perplexity_no_speed_limit.json"
+    elif args.decode_speed != DEFAULT_DECODE_SPEED:
+        name = f"perplexity_decode_speed_{args.decode_speed:g}.json"
+    else:
+        name = "perplexity_vs_budget.json"
+    return protocol.result_path("gguf", name)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="65,70,74.0,77.6,82.9,88.2,93.5,98.4,105.5,120,140",
                     help="file budgets in MB (10^6 bytes)")
-    ap.add_argument("--eval-windows", type=int, default=20)
-    ap.add_argument("--out", default="/tmp/cvxq-bench-gguf")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--eval-windows", type=int, default=protocol.EVAL_WINDOWS)
+    ap.add_argument("--out", default="/tmp/cvxq-bench-gguf", help="where the GGUF files go (one folder per budget)")
+    ap.add_argument("--json", default=None, help="result file (default: docs/results/gguf/, named by the variant)")
     ap.add_argument("--merge", action="store_true", help="keep rows of other budgets already in --json")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
-    ap.add_argument("--decode-speed", type=float, default=DEFAULT_DECODE_SPEED["gguf"],
+    ap.add_argument("--decode-speed", type=float, default=DEFAULT_DECODE_SPEED,
                     help="what `fit --decode-speed` does: modeled llama.cpp time within 1/R of the fastest type mix "
-                         "of the same size (0: no limit, the plans before the speed model)")
+                         f"of the same size (default {DEFAULT_DECODE_SPEED:g}; 0: no limit, the most accurate plans)")
     ap.add_argument("--bias-correction", action="store_true", help="what `fit --bias-correction` does")
     args = ap.parse_args()
-    loaded = load_model(None)
+    args.json = args.json or str(default_json(args))
+    protocol.require_data()
+    loaded = protocol.load_default_model()
     t0 = time.perf_counter()
-    settings = CalibrationSettings(n_windows=64, seq_len=512)
-    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), settings)
+    outcome = protocol.calibrate(loaded)
     t_h = time.perf_counter()
     # what `fit --format gguf` does by default: input second moments for error feedback
-    hessians = None if args.no_error_feedback else input_hessians(loaded, str(DATA / "valid.txt"), settings)
+    hessians = None if args.no_error_feedback else protocol.input_moments(loaded)
     hessian_s = time.perf_counter() - t_h
-    windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    windows = protocol.evaluation_ids(loaded.tokenizer, args.eval_windows)
     t_menu = time.perf_counter()
     gmenu = build_menu(tensor_inputs(loaded, outcome.sens, loaded.weights))
     menu_s = time.perf_counter() - t_menu
@@ -65,11 +83,11 @@ def main() -> None:
             print(f"{mb} MB: {exc}", flush=True)
             rows.append({"budget_mb": mb, "infeasible": str(exc)})
             continue
-        res = write_gguf(loaded, plan, planned_menu, out / "model.gguf", hessians=hessians,
+        res = write_gguf(loaded, plan, planned_menu.inputs, out / "model.gguf", hessians=hessians,
                          input_means=input_means(loaded, outcome.sens) if args.bias_correction else None)
-        readback = read_back_check(res, planned_menu)
+        readback = read_back_check(res, planned_menu.inputs)
         write_s = time.perf_counter() - t
-        ppl = llama_perplexity(str(res.path), windows)
+        ppl = protocol.llama_cpp_perplexity(res.path, windows)
         _, tps = llama_generate(str(res.path), "The history of the city", 64)
         types: dict[str, int] = {}
         for tp in plan.tensors:
@@ -95,8 +113,8 @@ def main() -> None:
             done = {r["budget_mb"] for r in rows}
             rows += [r for r in json.loads(Path(args.json).read_text())["rows"] if r["budget_mb"] not in done]
             rows.sort(key=lambda r: r["budget_mb"])
-        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "hessian_s": hessian_s, "rows": rows,
-                                               "total_s": time.perf_counter() - t0}, indent=1))
+        protocol.write_results(args.json, {"menu_s": menu_s, "hessian_s": hessian_s, "rows": rows,
+                                           "total_s": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """What each ggml type costs llama.cpp per token, decode and prefill, inside the whole model.
 
-Why: the GGUF menu charged bytes and distortion, not speed, and our mixed files
-prefilled 1.5-4x slower than llama.cpp's presets of the same size. Measured here:
-the slow ones are Q4_1 / Q5_0 / Q5_1 / Q8_0 / F16 on the linears (up to 2.7x in
-prefill; Q4_1 is SmolLM2's source grid, which the allocator liked) and the IQ2 /
-IQ3 types on ffn_down (decode), while Q4_0, IQ4_NL and Q4_K are the fast ones
-(llama.cpp's CPU backend repacks those for its matrix kernels). This benchmark writes SmolLM2-shaped GGUF
-files in which one group of tensors takes one type and everything else Q4_0:
+Why: the GGUF planner's speed limit (``fit --decode-speed``) needs what each type
+costs: the plans that weigh only bytes and distortion prefill at 0.58x (82.9 MB) and
+0.40x (93.5 MB) the speed of llama.cpp's file of the same size (docs/benchmarks.md).
+Measured here: the slow ones are
+Q4_1 / Q5_0 / Q5_1 / Q8_0 / F16 on the linears (up to 2.7x in prefill; Q4_1 is
+SmolLM2's source grid, which the allocator favours without a speed limit) and the
+IQ2 / IQ3 types on ffn_down (decode), while Q4_0, IQ4_NL and Q4_K are the fast ones
+(llama.cpp's CPU backend repacks those for its matrix kernels). This benchmark writes
+SmolLM2-shaped GGUF files in which one group of tensors takes one type and everything
+else Q4_0:
 
 * ``linear:T``  every linear matrix at T (32-element block types, legal on every row);
 * ``down:T``    only ``ffn_down`` at T (the 256-element types: only its 1536-wide rows take them);
@@ -23,10 +26,10 @@ up to 1.3x here), medians over rounds.
 Per type and group the extra microseconds per token per weight over Q4_0 follow:
 ``(step(file) / step(base) - 1) * step(base) / weights(group)``, for decode and for
 prefill (per prompt token). ``--write-table`` writes them where the GGUF planner
-reads them (``cvxq_export/formats/gguf_speed_costs.json``).
+reads them (``cvxq_export/formats/gguf/speed_costs.json``).
 
-    python benchmarks/bench_gguf_types.py --json docs/bench_gguf_types.json \\
-        --write-table cvxq_export/formats/gguf_speed_costs.json
+    python benchmarks/bench_gguf_types.py --json docs/results/gguf/type_speed_table.json \\
+        --write-table cvxq_export/formats/gguf/speed_costs.json
 """
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cvxq_export.formats import ggml_quant
-from cvxq_export.formats.gguf_target import (FLOAT_TYPES, _add_metadata, _gguf, _skeleton, add_tensor_data,
+import protocol  # benchmarks/protocol.py
+from cvxq_export.formats.gguf import ggml_quant
+from cvxq_export.formats.gguf.target import (FLOAT_TYPES, add_metadata, gguf_skeleton, add_tensor_data,
                                              legal_types, tensor_inputs)
-from cvxq_export.formats.llama_eval import timed_greedy_run
-from cvxq_export.model import load_model
+from cvxq_export.formats.gguf.llama_eval import timed_greedy_run
 
+DEFAULT_JSON = protocol.result_path("gguf", "type_speed_table.json")
 BASE = "Q4_0"
 TILE_ROWS = 64  # rows quantized per tensor, then tiled
 
@@ -58,10 +62,11 @@ def _tiled(type_name: str, w: np.ndarray) -> np.ndarray:
 
 
 def write_model(loaded, inputs, types: dict[str, str], path: Path) -> None:
-    gguf = _gguf()
-    skeleton = _skeleton(loaded)
+    import gguf
+
+    skeleton = gguf_skeleton(loaded)
     writer = gguf.GGUFWriter(str(path), skeleton.arch)
-    _add_metadata(writer, skeleton, {})
+    add_metadata(writer, skeleton, {})
     for name, arr in skeleton.float_tensors.items():
         writer.add_tensor(name, arr.astype(np.float32))
     for t in inputs:
@@ -103,10 +108,10 @@ def one_run(llm, prompt: list[int], n_decode: int) -> tuple[float, float]:
 
 
 def time_files(paths: dict[str, Path], rounds: int, n_decode: int, threads: int) -> dict[str, dict]:
-    from llama_cpp import Llama
+    from cvxq_export.formats.gguf.llama_eval import open_llama
 
     prompt = list(range(1000, 1064))  # 64 ordinary token ids
-    llms = {k: Llama(model_path=str(p), n_ctx=256, n_batch=64, verbose=False, n_threads=threads,
+    llms = {k: open_llama(p, n_ctx=256, n_batch=64, verbose=False, n_threads=threads,
                      n_threads_batch=threads, n_gpu_layers=0) for k, p in tqdm(paths.items(), desc="load", unit="file")}
     for llm in llms.values():
         one_run(llm, prompt, 4)  # warm-up
@@ -145,13 +150,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--decode", type=int, default=32, help="greedy tokens per round")
     ap.add_argument("--types", default=None, help="comma-separated ggml types (default: the GGUF menu's)")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--write-table", default=None)
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"result file (default {protocol.shown(DEFAULT_JSON)})")
+    ap.add_argument("--write-table", default=None,
+                    help="also write the table the GGUF planner reads (cvxq_export/formats/gguf/speed_costs.json)")
     args = ap.parse_args()
 
-    from cvxq_export.formats.gguf_target import CANDIDATE_TYPES
+    from cvxq_export.formats.gguf.target import CANDIDATE_TYPES
 
-    loaded = load_model(None)
+    loaded = protocol.load_default_model()
     inputs = tensor_inputs(loaded, None, loaded.weights)
     types = args.types.split(",") if args.types else list(CANDIDATE_TYPES)
     jobs = jobs_for(inputs, types)
@@ -168,7 +174,7 @@ def main() -> None:
                      "llama.cpp (benchmarks/bench_gguf_types.py)", "threads": args.threads, "rounds": args.rounds,
             "decode_tokens": args.decode, "prompt_tokens": 64, "base_type": BASE, "machine": platform.machine()}
     if args.json:
-        Path(args.json).write_text(json.dumps({**meta, **derived, "runs": per}, indent=1))
+        protocol.write_results(args.json, {**meta, **derived, "runs": per})
     if args.write_table:
         Path(args.write_table).write_text(json.dumps({**meta, "base": derived["base"],
                                                       "extra_ns_per_weight": derived["extra_ns_per_weight"]},

@@ -1,4 +1,4 @@
-"""llama.cpp's own quantizer on SmolLM2-135M, measured here (issue 3's baselines).
+"""llama.cpp's own quantizer on SmolLM2-135M, measured here (the GGUF baselines).
 
 Protocol: an F16 GGUF of the model's weights (written by us from the source
 GGUF), then ``llama_model_quantize`` (llama.cpp's quantizer, through
@@ -14,7 +14,7 @@ statistic (mean squared input activation per column, over 64 x 512 tokens of
 valid.txt) as the importance vector, exactly what ``llama-quantize --imatrix``
 passes to ``ggml_quantize_chunk``.
 
-    python benchmarks/bench_llama_presets.py [--json docs/bench_llama_presets.json]
+    python benchmarks/bench_llama_presets.py [--json docs/results/gguf/llama_cpp_presets.json]
 """
 from __future__ import annotations
 
@@ -27,15 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+import protocol  # benchmarks/protocol.py
 from cvxq_export.activations import collect_input_stats
-from cvxq_export.formats import ggml_quant
-from cvxq_export.formats.gguf_target import gguf_name_map, write_float_gguf
-from cvxq_export.formats.llama_eval import llama_perplexity, llama_speed
+from cvxq_export.formats.gguf import ggml_quant
+from cvxq_export.formats.gguf.target import gguf_name_map, write_float_gguf
+from cvxq_export.formats.gguf.llama_eval import llama_speed
 from cvxq_export.io import atomic_path
-from cvxq_export.model import load_model
-from cvxq_export.textdata import calibration_windows, evaluation_windows
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
+DEFAULT_JSON = protocol.result_path("gguf", "llama_cpp_presets.json")
 # (preset, token embedding type or None)
 PRESETS = [("Q4_K_M", None), ("Q3_K_M", None), ("Q2_K", None), ("Q4_0", None), ("Q4_1", None), ("IQ4_NL", None),
            ("Q3_K_M", "Q5_0"), ("Q2_K", "Q5_0"), ("Q2_K", "Q4_0"), ("Q2_K", "IQ4_NL")]
@@ -85,9 +84,9 @@ def requantize_with_imatrix(src: Path, dst: Path, weights: dict[str, np.ndarray]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="/tmp/cvxq-presets")
-    ap.add_argument("--eval-windows", type=int, default=20)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", default="/tmp/cvxq-presets", help="where the GGUF files go")
+    ap.add_argument("--eval-windows", type=int, default=protocol.EVAL_WINDOWS)
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"result file (default {protocol.shown(DEFAULT_JSON)})")
     ap.add_argument("--only", default=None,
                     help="comma-separated preset tags to run, e.g. 'Q3_K_M+embd-Q5_0,Q2_K+embd-Q4_0' (F16 always)")
     ap.add_argument("--merge", action="store_true", help="keep rows of other presets already in --json")
@@ -95,20 +94,21 @@ def main() -> None:
     only = None if args.only is None else set(args.only.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(None)
+    protocol.require_data()
+    loaded = protocol.load_default_model()
     tok = loaded.tokenizer
-    windows = evaluation_windows(tok, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    windows = protocol.evaluation_ids(tok, args.eval_windows)
     prompt_ids = [int(i) for i in tok(PROMPT)["input_ids"]]
     f16 = out / "f16.gguf"
     f16_res = write_float_gguf(loaded, f16)
     # llama.cpp quantizes from the F16 values; so do we for the imatrix variants.
     weights = {gguf_name_map(loaded)[r.name]: None for r in loaded.weights}
-    from cvxq_export.formats.gguf_target import tensor_inputs
+    from cvxq_export.formats.gguf.target import tensor_inputs
 
     for t in tensor_inputs(loaded, None, loaded.weights):
         weights[t.gguf_name] = t.weight.astype(np.float16).astype(np.float32)
     t0 = time.perf_counter()
-    calib = calibration_windows(tok, str(DATA / "valid.txt"), 64, 512).ids
+    calib = protocol.calibration_ids(tok)
     stats = collect_input_stats(loaded, calib)
     names = gguf_name_map(loaded)
     imatrix = {names[k]: v.mean_sq for k, v in stats.items()}
@@ -116,7 +116,7 @@ def main() -> None:
     rows = []
 
     def measure(label: str, path: Path, preset: str, embd: str | None, with_imatrix: bool | None) -> None:
-        ppl = llama_perplexity(str(path), windows)
+        ppl = protocol.llama_cpp_perplexity(path, windows)
         speed = llama_speed(str(path), prompt_ids, 128)
         rows.append({"label": label, "preset": preset, "token_embd": embd, "imatrix": with_imatrix,
                      "file_bytes": os.path.getsize(path), "perplexity": ppl.perplexity, **speed})
@@ -142,7 +142,7 @@ def main() -> None:
             done = {r["label"] for r in rows}
             rows += [r for r in json.loads(Path(args.json).read_text())["rows"] if r["label"] not in done]
             rows.sort(key=lambda r: -r["file_bytes"])
-        Path(args.json).write_text(json.dumps({"imatrix_s": imatrix_s, "rows": rows}, indent=1))
+        protocol.write_results(args.json, {"imatrix_s": imatrix_s, "rows": rows})
 
 
 if __name__ == "__main__":

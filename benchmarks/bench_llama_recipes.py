@@ -6,10 +6,10 @@ types do not divide) and logs the type of every tensor without quantizing anythi
 in well under a second. This script runs it for every preset, with and without a
 ``--token-embedding-type`` override, sizes each recipe's file with our own byte
 accounting (the same as the GGUF target's budget) and prices it with the GGUF speed
-model (``cvxq_export/formats/gguf_speed.py``), so our plans can be placed against
-every recipe, not only the few the issue timed.
+model (``cvxq_export/formats/gguf/speed.py``), so our plans can be placed against
+every recipe, not only the few ``bench_llama_presets.py`` quantizes and times.
 
-    python benchmarks/bench_llama_recipes.py [--json docs/bench_llama_recipes.json]
+    python benchmarks/bench_llama_recipes.py [--json docs/results/gguf/llama_cpp_recipes.json]
 """
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ import json
 import re
 from pathlib import Path
 
-from cvxq_export.formats import ggml_quant
-from cvxq_export.formats.gguf_speed import PHASES, modeled_us
-from cvxq_export.formats.gguf_target import _aligned, fixed_bytes, gguf_name_map, tensor_bytes
-from cvxq_export.model import default_model_path, load_model
+import protocol  # benchmarks/protocol.py
+from cvxq_export.formats.gguf import ggml_quant
+from cvxq_export.formats.gguf.speed import PHASES, modeled_us
+from cvxq_export.formats.gguf.target import aligned, fixed_bytes, gguf_name_map, tensor_bytes
+from cvxq_export.model import default_model_path
+
+DEFAULT_JSON = protocol.result_path("gguf", "llama_cpp_recipes.json")
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0",
            "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -65,10 +68,10 @@ def recipe_types(source: Path, preset: str, embedding: str | None) -> dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"result file (default {protocol.shown(DEFAULT_JSON)})")
     args = ap.parse_args()
     source = default_model_path()
-    loaded = load_model(None)
+    loaded = protocol.load_default_model()
     names = gguf_name_map(loaded)
     refs = {names[r.name]: r for r in loaded.weights}
     fixed = fixed_bytes(loaded)
@@ -80,7 +83,7 @@ def main() -> None:
             if missing:
                 raise RuntimeError(f"{preset}: the dry run logged no type for {missing[:3]}")
             chosen = [types[n] for n in refs]
-            size = fixed + sum(_aligned(tensor_bytes(t, refs[n].rows, refs[n].cols)) for n, t in zip(refs, chosen))
+            size = fixed + sum(aligned(tensor_bytes(t, refs[n].rows, refs[n].cols)) for n, t in zip(refs, chosen))
             us = modeled_us(list(refs), [r.rows * r.cols for r in refs.values()], chosen)
             counts: dict[str, int] = {}
             for t in chosen:
@@ -99,7 +102,7 @@ def main() -> None:
         print(f"| {label} | {r['file_bytes']:,} | {r['embedding']} | {r['modeled_decode_us']:.0f} | "
               f"{r['modeled_prefill_us']:.0f} | {r['types']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"source": str(source), "rows": rows}, indent=1))
+        protocol.write_results(args.json, {"source": str(source), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """CVXQ-allocated ONNX (QDQ -> MatMulNBits) vs ONNX Runtime's own RTN quantizer (SmolLM2-135M).
 
-Protocol (issue 4): calibrate on valid.txt (64 x 512, cached); perplexity in
-ONNX Runtime (CPU provider) on the first 20 windows of 512 tokens of test.txt,
-each window from an empty cache; prefill and decode tokens/s with 2 threads.
+Protocol (benchmarks/protocol.py): calibrate on valid.txt (64 x 512, cached);
+perplexity in ONNX Runtime (CPU provider) on the first 20 windows of 512 tokens of
+test.txt, each window from an empty cache; prefill and decode tokens/s with 2 threads.
 The budget is model.onnx on disk (weights inside, no external data).
 
 Baseline: the same decoder graph exported with fp32 weights (head untied),
@@ -10,7 +10,11 @@ then ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``
 (RTN, asymmetric, MatMul along K and the embedding through
 GatherBlockQuantized, accuracy level 4).
 
-    python benchmarks/bench_onnx.py [--budgets 90,108.8] [--rtn-blocks 32,128] [--json docs/bench_onnx.json]
+    python benchmarks/bench_onnx.py [--budgets 90,108.8] [--rtn-blocks 32,128] [--merge] [--json FILE]
+
+The result goes to docs/results/onnx/perplexity_vs_budget.json unless --json says
+otherwise (perplexity_no_error_feedback.json with --no-error-feedback); --merge keeps
+the rows of other methods already there.
 """
 from __future__ import annotations
 
@@ -24,15 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cvxq_export.calibrate import CalibrationSettings
-from cvxq_export.cli import DEFAULT_DECODE_SPEED
-from cvxq_export.formats.onnx_qdq import build_menu
-from cvxq_export.formats.onnx_target import OrtDecoder, export_onnx, write_float_onnx
-from cvxq_export.model import load_model
-from cvxq_export.pipeline import calibrate_cached, input_hessians
-from cvxq_export.textdata import evaluation_windows
+import protocol  # benchmarks/protocol.py
+from cvxq_export.formats.onnx.qdq import build_menu
+from cvxq_export.formats.onnx.target import OrtDecoder, export_onnx, write_float_onnx
+from cvxq_export.formats.registry import get_format
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
 PROMPT = "The history of the city"
 
 
@@ -68,30 +68,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="90,108.8", help="file budgets in MB (10^6 bytes)")
     ap.add_argument("--rtn-blocks", default="32,128", help="block sizes of ORT's RTN baseline ('' to skip)")
-    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--eval-windows", type=int, default=protocol.EVAL_WINDOWS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 export's perplexity")
-    ap.add_argument("--out", default="/tmp/cvxq-bench-onnx")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", default="/tmp/cvxq-bench-onnx", help="where the ONNX files go")
+    ap.add_argument("--json", default=None,
+                    help="result file (default docs/results/onnx/perplexity_vs_budget.json; with --no-error-feedback "
+                         "docs/results/onnx/perplexity_no_error_feedback.json)")
     ap.add_argument("--merge", action="store_true", help="keep rows of other methods already in --json")
     ap.add_argument("--rtn-symmetric", action="store_true", help="also ORT's RTN with symmetric blocks")
     ap.add_argument("--rtn-exports", default="plain",
                     help="fp32 exports ORT's RTN starts from: plain (one MatMul per matrix, as torch.onnx.export "
                          "writes), fused (q/k/v and gate/up as one MatMul each, as our graphs fuse them), or both")
-    ap.add_argument("--decode-speed", type=float, default=DEFAULT_DECODE_SPEED["onnx"],
+    ap.add_argument("--decode-speed", type=float, default=get_format("onnx").default_decode_speed,
                     help="as fit --decode-speed: modeled decode speed >= R x ORT's RTN file of the same size (0: off)")
     ap.add_argument("--no-error-feedback", action="store_true", help="round each block on its own (the ablation)")
     args = ap.parse_args()
+    args.json = args.json or str(protocol.result_path(
+        "onnx", "perplexity_no_error_feedback.json" if args.no_error_feedback else "perplexity_vs_budget.json"))
+    protocol.require_data()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    loaded = load_model(None)
-    settings = CalibrationSettings(n_windows=64, seq_len=512)
-    outcome = calibrate_cached(loaded, str(DATA / "valid.txt"), settings)
-    windows = evaluation_windows(loaded.tokenizer, str(DATA / "test.txt"), args.eval_windows, 512).ids
+    loaded = protocol.load_default_model()
+    outcome = protocol.calibrate(loaded)
+    windows = protocol.evaluation_ids(loaded.tokenizer, args.eval_windows)
     budgets = [float(b) for b in args.budgets.split(",") if b]
     # what `fit --format onnx` does by default: input second moments for error feedback
-    hessians = None if args.no_error_feedback or not budgets else input_hessians(loaded, str(DATA / "valid.txt"), settings)
+    hessians = None if args.no_error_feedback or not budgets else protocol.input_moments(loaded)
     t = time.perf_counter()
     qmenu = build_menu(loaded, outcome.sens, loaded.weights) if budgets else None
     menu_s = time.perf_counter() - t
@@ -105,20 +109,22 @@ def main() -> None:
         if args.merge and Path(args.json).is_file():
             done = {r["method"] for r in rows}
             kept = [r for r in json.loads(Path(args.json).read_text())["rows"] if r["method"] not in done]
-        Path(args.json).write_text(json.dumps({"menu_s": menu_s, "rows": kept + rows,
-                                               "total_s": time.perf_counter() - t0}, indent=1, default=str) + "\n")
+        protocol.write_results(args.json, {"menu_s": menu_s, "rows": kept + rows, "total_s": time.perf_counter() - t0})
 
+    # rows of a non-default --decode-speed say so, so --merge keeps them beside the default plans
+    default_speed = get_format("onnx").default_decode_speed
+    speed_label = "" if args.decode_speed == default_speed else f", --decode-speed {args.decode_speed:g}"
     float_path = out / "fp32.onnx"
     write_float_onnx(loaded, float_path)  # from the original weights, before any export changes them
     for mb in budgets:
         budget = int(mb * 1e6)
-        model = loaded if not rows else load_model(None)  # export_onnx leaves the model holding its weights
+        model = loaded if not rows else protocol.load_default_model()  # export_onnx leaves the model holding its weights
         t = time.perf_counter()
         info = export_onnx(model, outcome.sens, budget, out / f"cvxq_{mb}", eval_windows=windows, qmenu=qmenu,
                            hessians=hessians, decode_speed=args.decode_speed or None)
         export_s = time.perf_counter() - t
         v = info["verify"]
-        row = {"method": f"CVXQ {mb} MB", "decode_speed_floor": args.decode_speed, "plan_notes": info["plan"].get("notes"),
+        row = {"method": f"CVXQ {mb} MB" + speed_label, "decode_speed_floor": args.decode_speed, "plan_notes": info["plan"].get("notes"),
                "path": info["path"], "budget_bytes": budget, "file_bytes": info["file_bytes"],
                "perplexity": v["eval"]["onnxruntime_perplexity"], "torch_perplexity": v["eval"]["torch_perplexity"],
                "exact_perplexity": v["eval"]["onnxruntime_exact_perplexity"],
@@ -134,26 +140,24 @@ def main() -> None:
         del model
         gc.collect()
     if not args.no_fp32:
-        dec = OrtDecoder(float_path, threads=args.threads)
-        ppl = dec.perplexity(windows, desc="eval fp32 onnx")
+        ppl = protocol.onnxruntime_perplexity(float_path, windows, threads=args.threads, desc="eval fp32 onnx")
         rows.append({"method": "fp32 export (head untied)", "file_bytes": os.path.getsize(float_path),
                      "perplexity": ppl.perplexity, **speed(float_path, windows, loaded.tokenizer, args.threads)})
         print(json.dumps(rows[-1]), flush=True)
         save()
-        del dec
     variants = [(int(b), False) for b in args.rtn_blocks.split(",") if b]
     if args.rtn_symmetric:
         variants += [(b, True) for b, _ in list(variants)]
     exports = [(float_path, "", "")] if "plain" in args.rtn_exports else []
     if "fused" in args.rtn_exports:
         fused_path = out / "fp32_fused.onnx"
-        write_float_onnx(load_model(None), fused_path, fuse=True)
+        write_float_onnx(protocol.load_default_model(), fused_path, fuse=True)
         exports.append((fused_path, "_fused", ", fused q/k/v + gate/up export"))
     for (source, suffix, label), (block, symmetric) in [(e, v) for e in exports for v in variants]:
         t = time.perf_counter()
         path = rtn_baseline(source, out, block, symmetric, suffix)
         q_s = time.perf_counter() - t
-        ppl = OrtDecoder(path, threads=args.threads).perplexity(windows, desc=f"eval rtn b{block}{suffix}")
+        ppl = protocol.onnxruntime_perplexity(path, windows, threads=args.threads, desc=f"eval rtn b{block}{suffix}")
         rows.append({"method": f"ORT RTN 4-bit b{block} {'sym' if symmetric else 'asym'}, embedding GBQ{label}",
                      "path": str(path), "file_bytes": os.path.getsize(path), "perplexity": ppl.perplexity,
                      "quantize_s": q_s, **speed(path, windows, loaded.tokenizer, args.threads)})

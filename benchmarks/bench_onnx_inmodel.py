@@ -3,8 +3,8 @@
 ``bench_onnx_kernels.py`` times each option on one matrix shape at a time; its
 chains stay in the 32 MB L3 cache of this machine, while a decode step of the real
 model streams 50-200 MB of weights from memory, and mixing options costs more than
-uniform models suggest (measured: the 90 MB plan decoded 1.37x slower than a uniform
-4-bit block-64 model of the same graph, the uniform-model table predicted 1.11x;
+uniform models suggest (measured: a 90 MB plan decodes 1.37x slower than a uniform
+4-bit block-64 model of the same graph, where the isolated-kernel table predicts 1.11x;
 random codes in the plan's options reproduce the real file's speed within 2 %).
 So this benchmark times whole SmolLM2-shaped decoders built by our graph builder
 with random codes (speed does not depend on the values):
@@ -26,18 +26,22 @@ Then one least-squares fit (non-negative) over all models:
 
 ``--write-table`` writes ``ns_per_weight`` per option, ``head`` per embedding option,
 one ``call_us`` per MatMulNBits call (plus ``offset_us`` for the offset kind's product)
-and ``graph_us_per_layer`` into ``cvxq_export/formats/onnx_decode_costs.json``.
+and ``graph_us_per_layer`` into ``cvxq_export/formats/onnx/decode_costs.json``.
 
-    python benchmarks/bench_onnx_inmodel.py --mixed 48 --json docs/bench_onnx_inmodel.json \
-        --write-table cvxq_export/formats/onnx_decode_costs.json
+    python benchmarks/bench_onnx_inmodel.py --mixed 48       # -> docs/results/onnx/decode_costs_whole_model.json
+    python benchmarks/bench_onnx_inmodel.py --plan-variants PLAN.json --rounds 12
+                                                             # -> docs/results/onnx/decode_costs_plan_variants.json
+    python benchmarks/bench_onnx_inmodel.py --refit docs/results/onnx/decode_costs_whole_model.json \
+        --extra docs/results/onnx/decode_costs_plan_variants.json --extra-weight 3 --call-us 3 \
+        --write-table cvxq_export/formats/onnx/decode_costs.json   # -> docs/results/onnx/decode_costs_fit.json
     python benchmarks/bench_onnx_inmodel.py --validate A.onnx B.onnx ...   # measured step times of real files
 
 ``--plan-variants PLAN.json`` times a real fit's plan (random codes) against the anchor
 with its 8-bit linears, its offset linears or its head moved to the anchor's option,
 and a uniform 4-bit block-32 plan: what each choice the planner made costs. Those
 models are where the table must be right (the planner goes where the table says time
-is cheap: a table whose per-call cost was too high let the 108.8 MB plan buy fused
-calls with offsets and measure 0.86x RTN where it modeled 0.95x). ``--refit OLD.json
+is cheap: with a per-call cost set too high, the 108.8 MB plan buys fused calls with
+offsets and measures 0.86x RTN where it models 0.95x). ``--refit OLD.json
 --extra VARIANTS.json`` fits them with the others, each ``--extra-weight`` times.
 """
 from __future__ import annotations
@@ -55,10 +59,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cvxq_export.formats.onnx_graph import QdqEmbedding, QdqLinear, QdqSplit, build_decoder
-from cvxq_export.formats.onnx_qdq import OPTIONS, ZERO, QdqOption, legal_options
-from cvxq_export.formats.onnx_target import OrtDecoder, _layer_weight_names, decoder_spec
-from cvxq_export.model import load_model
+import protocol  # benchmarks/protocol.py
+from cvxq_export.formats.onnx.graph import QdqEmbedding, QdqLinear, QdqSplit, build_decoder
+from cvxq_export.formats.onnx.qdq import OPTIONS, ZERO, QdqOption, legal_options
+from cvxq_export.formats.onnx.target import OrtDecoder, layer_weight_names, decoder_spec
 
 PROMPT = 64  # tokens of KV cache before the timed steps (bench_onnx_speed.py's decode setting)
 
@@ -177,7 +181,7 @@ def build_plan_model(loaded, options: dict[str, QdqOption], head_option: QdqOpti
             linears[ref.name] = QdqLinear(ref, [], np.zeros(0), None)
         else:
             linears[ref.name] = random_linear(rng, ref, options[ref.name])
-    return build_decoder(spec, embedding, linears, _layer_weight_names(loaded), None)
+    return build_decoder(spec, embedding, linears, layer_weight_names(loaded), None)
 
 
 def features(model, loaded, options: dict[str, QdqOption], head_option: QdqOption, vocab_fraction: int,
@@ -307,7 +311,10 @@ def main() -> None:
     ap.add_argument("--p-zero", type=float, default=0.15, help="chance a matrix is dropped in a mixed plan")
     ap.add_argument("--batch", type=int, default=8, help="models open at once (the anchor included)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None,
+                    help="result file (default docs/results/onnx/: decode_costs_whole_model.json, with --refit "
+                         "decode_costs_fit.json, with --plan-variants decode_costs_plan_variants.json, with "
+                         "--validate decode_step_times.json)")
     ap.add_argument("--write-table", default=None)
     ap.add_argument("--refit", default=None, help="a JSON this script wrote: fit again from its measurements")
     ap.add_argument("--extra", nargs="*", default=[], help="with --refit: JSONs of --plan-variants runs to fit too")
@@ -315,20 +322,23 @@ def main() -> None:
                     help="weight of each --extra model in the fit (they probe what the planner exploits)")
     ap.add_argument("--call-us", type=float, default=None,
                     help="pin the per-MatMulNBits-call cost (us) instead of fitting it: calls and per-weight costs "
-                         "are nearly collinear and a free fit put per-weight time into calls (18 us, where ORT's "
+                         "are nearly collinear and a free fit puts per-weight time into calls (18 us, where ORT's "
                          "unfused RTN graph, 90 calls more than our fused one, is only ~3 %% slower: ~3 us a call)")
     ap.add_argument("--plan-variants", default=None,
                     help="a plan.json of a real ONNX fit: time it (random codes) and variants with its 8-bit "
                          "linears / offsets / head at the anchor's option against the anchor")
     ap.add_argument("--validate", nargs="*", default=None, help="real .onnx files: measured step time only")
     args = ap.parse_args()
+    default = ("decode_step_times.json" if args.validate else "decode_costs_fit.json" if args.refit
+               else "decode_costs_plan_variants.json" if args.plan_variants else "decode_costs_whole_model.json")
+    args.json = args.json or str(protocol.result_path("onnx", default))
 
     if args.validate:
         rows = time_models({p: Path(p) for p in args.validate}, args.rounds, args.steps, args.threads)
         for p, r in rows.items():
             print(f"{r['step_us'] / 1000:7.2f} ms/step  {1e6 / r['step_us']:6.1f} tok/s  {p}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        protocol.write_results(args.json, {"rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+                                           "files": rows})
         return
 
     if args.refit:
@@ -347,16 +357,14 @@ def main() -> None:
         meta = {k: old[k] for k in ("about", "models", "mixed", "rounds", "steps", "threads", "layers")}
         meta.update(models=len(x_rows), extra=[str(p) for p in args.extra], extra_weight=args.extra_weight,
                     call_us_pinned=args.call_us)
-        if args.json:
-            Path(args.json).write_text(json.dumps({**old, "fit": fit, "extra": meta["extra"],
-                                                   "extra_weight": args.extra_weight}, indent=1))
+        protocol.write_results(args.json, {**old, "fit": fit, "extra": meta["extra"], "extra_weight": args.extra_weight})
         if args.write_table:
             write_table(Path(args.write_table), fit, meta)
         return
 
     import onnx
 
-    loaded = load_model(None)
+    loaded = protocol.load_default_model()
     emb_ref = next(r for r in loaded.weights if r.kind == "embedding")
     lin_opts = [OPTIONS[j] for j in legal_options("linear", 576, 64) if OPTIONS[j] != ZERO
                 and not (OPTIONS[j].bits == 2 and OPTIONS[j].block == 16)]
@@ -406,11 +414,10 @@ def main() -> None:
     meta = {"about": "costs fitted over whole SmolLM2-shaped decoders (benchmarks/bench_onnx_inmodel.py)",
             "models": len(keys), "mixed": 0 if args.plan_variants else args.mixed, "rounds": args.rounds, "steps": args.steps,
             "threads": args.threads, "layers": loaded.config.num_hidden_layers}
-    if args.json:
-        Path(args.json).write_text(json.dumps({**meta, "fit": fit, "rows": rows,
-                                               "features": {k: x_rows[k].tolist() for k in keys},
-                                               "feature_names": ["graph", *lin_names, *[f"head:{n}" for n in head_names],
-                                                                 "calls", "offset_products", "dropped"]}, indent=1))
+    protocol.write_results(args.json, {**meta, "fit": fit, "rows": rows,
+                                       "features": {k: x_rows[k].tolist() for k in keys},
+                                       "feature_names": ["graph", *lin_names, *[f"head:{n}" for n in head_names],
+                                                         "calls", "offset_products", "dropped"]})
     if args.write_table:
         write_table(Path(args.write_table), fit, meta)
 

@@ -3,19 +3,21 @@
 For SmolLM2-135M's matrix shapes, one fused MatMulNBits per (bits, block, zero
 point) option at one token (M = 1, 2 threads, accuracy level 4), plus what the
 fp16-offset kind adds on top (block sums, their product with the offsets, one
-more addend), plus ORT's cost per node (a chain of tiny Adds). Why: decode speed
-is what the issue's 0.9x bar measures, and the menu does not see time; this table
-says which choices cost what, so a time-aware menu can charge them.
+more addend), plus ORT's cost per node (a chain of tiny Adds). Why: the ONNX
+planner's decode-time limit (``fit --decode-speed R``: at least R x the decode speed
+of ORT's RTN file of about the same size) needs what each option costs; this table
+says which choices cost what in isolation (``bench_onnx_inmodel.py`` fits the costs
+the planner uses over whole models).
 
 Each graph chains R copies of the op on one [1, 1, K] activation (so they run
 back to back, like a model's layers) and is timed over many runs; figures are
 microseconds per copy, best of ``--rounds`` (least disturbed by other load). Per
 option a line ``us = call_us + weights * ns_per_weight / 1000`` is fitted over the
 shapes; ``--write-table`` writes those lines where the planner reads them
-(``cvxq_export/formats/onnx_speed.py``).
+(``cvxq_export/formats/onnx/speed.py``).
 
-    python benchmarks/bench_onnx_kernels.py --json docs/bench_onnx_kernels.json \\
-        --write-table cvxq_export/formats/onnx_decode_costs.json
+    python benchmarks/bench_onnx_kernels.py --json docs/results/onnx/kernel_costs.json \\
+        --write-table cvxq_export/formats/onnx/decode_costs.json
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+import protocol  # benchmarks/protocol.py
+
+DEFAULT_JSON = protocol.result_path("onnx", "kernel_costs.json")
 SHAPES = {"k_proj / v_proj": (576, 192), "q_proj / o_proj": (576, 576), "q+k+v fused": (576, 960),
           "down_proj": (1536, 576), "gate+up fused": (576, 3072), "lm_head (tied embedding)": (576, 49152)}
 REPEAT = 30  # copies per graph: one per SmolLM2 layer (4 for the head: one per token, and 28M weights each)
@@ -125,15 +130,15 @@ def fit(rows: list[dict]) -> dict[str, dict]:
 
 
 def main() -> None:
-    from cvxq_export.formats.onnx_qdq import OPTIONS, offered
+    from cvxq_export.formats.onnx.qdq import OPTIONS, offered
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=30, help="session runs per round")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"result file (default {protocol.shown(DEFAULT_JSON)})")
     ap.add_argument("--write-table", default=None,
-                    help="also write the fitted table the planner reads (cvxq_export/formats/onnx_decode_costs.json)")
+                    help="also write the fitted table the planner reads (cvxq_export/formats/onnx/decode_costs.json)")
     args = ap.parse_args()
     rows = []
     base = _time(_session(*node_overhead_chain(576), 576, args.threads), 576, args.rounds, args.runs)
@@ -159,7 +164,7 @@ def main() -> None:
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "onnxruntime": __import__("onnxruntime").__version__}
     if args.json:
-        Path(args.json).write_text(json.dumps({**meta, "fitted": fitted, "rows": rows}, indent=1) + "\n")
+        protocol.write_results(args.json, {**meta, "fitted": fitted, "rows": rows})
     if args.write_table:
         keep = {}
         if Path(args.write_table).is_file():  # measured on a whole model, not here: kept across refits

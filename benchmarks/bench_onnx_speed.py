@@ -2,7 +2,7 @@
 quantizer's files of about the same size (2 threads, CPU provider, ORT's default
 accuracy level 4 for MatMulNBits).
 
-    python benchmarks/bench_onnx_speed.py OURS.onnx:OTHER.onnx [...] [--json docs/bench_onnx_speed.json]
+    python benchmarks/bench_onnx_speed.py OURS.onnx:OTHER.onnx [...] [--json docs/results/onnx/speed_pairs.json]
 
 Files of a pair are timed alternately (A B A B ...) so drift in machine load hits
 both alike. Each round opens a session, warms it up, times one prefill of 512
@@ -13,15 +13,16 @@ a few steps, not the median); figures are medians over ``--rounds``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
+import protocol  # benchmarks/protocol.py
 from speed_pairs import print_pairs, time_pairs  # benchmarks/speed_pairs.py
 
-from cvxq_export.formats.onnx_target import OrtDecoder
+from cvxq_export.formats.onnx.target import OrtDecoder
+
+DEFAULT_JSON = protocol.result_path("onnx", "speed_pairs.json")
 
 
 def one_round(path: str, threads: int, prefill: int, decode: int) -> dict:
@@ -48,12 +49,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"result file (default {protocol.shown(DEFAULT_JSON)})")
     args = ap.parse_args()
     rows = time_pairs(args.pairs, args.rounds, lambda p: one_round(p, args.threads, args.prefill, args.decode))
     print_pairs(rows, "ORT quantizer")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": rows}, indent=1))
+        protocol.write_results(args.json, {"threads": args.threads, "rounds": args.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ Certificate: the returned choice is a Lagrangian minimiser at ``lam`` plus the
 greedy's upgrades, all of slope <= ``lam``, so every unit sits at or above its
 Lagrangian argmin (in practice at most one hull step above it), and
 ``sum_u min_j (d + lam c) - lam * (budget - fixed_cost)`` is a lower bound on
-the optimal distortion (weak duality).
+the optimal distortion (weak duality): :func:`lagrangian_bound`, returned as
+``Allocation.dual_bound``, so a plan says how far it can be from the best one.
 
 NumPy only; memory stays at a few ``[n_units, n_options]`` arrays because the
 hull is built in chunks of units.
@@ -39,6 +40,8 @@ import numpy as np
 from .errors import InfeasibleBudget
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
+COST_UNITS = ("bits", "bytes")
+UNIT_BITS = {"bits": 1, "bytes": 8}
 _CHUNK = 1 << 17  # units per hull chunk: bounds the temporaries, keeps them cache friendly
 
 
@@ -49,8 +52,11 @@ class Menu:
     cost: np.ndarray  # [n_units, n_options] int64, >= 0 where legal
     distortion: np.ndarray  # [n_units, n_options] float64, finite where legal (normally >= 0)
     legal: np.ndarray | None = None  # [n_units, n_options] bool; None = all legal
+    unit: str = "bytes"  # what a cost counts: "bytes" (GGUF) or "bits" (native, ONNX: sub-byte units)
 
     def __post_init__(self) -> None:
+        if self.unit not in COST_UNITS:
+            raise ValueError(f"menu cost unit must be one of {COST_UNITS}, got {self.unit!r}")
         cost = np.asarray(self.cost)
         if not np.issubdtype(cost.dtype, np.integer):
             raise TypeError(f"menu costs must be integers (exact bits or bytes), got {cost.dtype}")
@@ -78,6 +84,19 @@ class Menu:
         if bad_c.any():
             raise ValueError(f"unit {int(np.argmax(bad_c.any(1)))} has a negative cost")
 
+    def from_bytes(self, n_bytes: int) -> int:
+        """A byte count (a budget, fixed bytes) in this menu's cost unit."""
+        return int(n_bytes) * 8 // UNIT_BITS[self.unit]
+
+    def to_bytes(self, cost: int) -> int:
+        """A cost in this menu's unit as whole bytes (rounded up: a partial byte is stored)."""
+        return -(-int(cost) * UNIT_BITS[self.unit] // 8)
+
+    def with_costs(self, distortion: np.ndarray | None = None, legal: np.ndarray | None = None) -> "Menu":
+        """The same costs and unit with another distortion (a penalised one) or legality (a restriction)."""
+        return Menu(self.cost, self.distortion if distortion is None else distortion,
+                    self.legal if legal is None else legal, unit=self.unit)
+
     @property
     def n_units(self) -> int:
         return int(self.cost.shape[0])
@@ -96,13 +115,14 @@ class Allocation:
     min_cost: int  # achievable range, fixed_cost included
     max_cost: int
     budget: int
+    dual_bound: float = 0.0  # no plan of this menu within the budget has a lower distortion (weak duality)
 
     def to_dict(self) -> dict:
         return {"lam": self.lam, "cost": self.cost, "distortion": self.distortion, "min_cost": self.min_cost,
-                "max_cost": self.max_cost, "budget": self.budget}
+                "max_cost": self.max_cost, "budget": self.budget, "dual_bound": self.dual_bound}
 
 
-def _exact_sum(a: np.ndarray) -> int:
+def exact_sum(a: np.ndarray) -> int:
     """Sum of non-negative int64 values as a Python int (no silent int64 overflow)."""
     if a.size == 0:
         return 0
@@ -129,11 +149,11 @@ def _unit_min_max(menu: Menu) -> tuple[np.ndarray, np.ndarray]:
 def cost_range(menu: Menu, fixed_cost: int = 0) -> tuple[int, int]:
     """Smallest and largest achievable totals, ``fixed_cost`` included."""
     lo, hi = _unit_min_max(menu)
-    return fixed_cost + _exact_sum(lo), fixed_cost + _exact_sum(hi)
+    return fixed_cost + exact_sum(lo), fixed_cost + exact_sum(hi)
 
 
 @dataclass
-class _Hull:
+class Hull:
     """Each unit's lower convex hull as a chain of steps from its cheapest option.
 
     Unit u's hull points are ``option[u, :length[u]]``; step j goes from point j
@@ -146,7 +166,7 @@ class _Hull:
     slope: np.ndarray  # [n_units, H - 1] float64, distortion saved per extra cost; non-increasing along a row
 
 
-def _hull(menu: Menu) -> _Hull:
+def hull_of(menu: Menu) -> Hull:
     n, o = menu.cost.shape
     idx_dtype = np.int16 if o <= np.iinfo(np.int16).max else np.int32
     option = np.zeros((n, o), dtype=idx_dtype)
@@ -163,7 +183,7 @@ def _hull(menu: Menu) -> _Hull:
         option = np.ascontiguousarray(option[:, :h])
         step_cost = np.ascontiguousarray(step_cost[:, : h - 1])
         slope = np.ascontiguousarray(slope[:, : h - 1])
-    return _Hull(option, length, step_cost, slope)
+    return Hull(option, length, step_cost, slope)
 
 
 def _hull_chunk(cost: np.ndarray, dist: np.ndarray, legal: np.ndarray | None, out_option: np.ndarray,
@@ -229,12 +249,12 @@ def _smallest_feasible_lam(slope: np.ndarray, step_cost: np.ndarray, room: int) 
         k = s.size // 2
         pivot = float(np.partition(s, k)[k])
         above = s > pivot
-        fits = taken + _exact_sum(c[above])  # total cost of the solution at lam = pivot
+        fits = taken + exact_sum(c[above])  # total cost of the solution at lam = pivot
         if fits > room:  # lam must be larger than pivot
             s, c = s[above], c[above]
             continue
         at = s == pivot
-        with_ties = fits + _exact_sum(c[at])  # total just below pivot
+        with_ties = fits + exact_sum(c[at])  # total just below pivot
         if with_ties > room:
             return pivot
         below = s < pivot
@@ -242,7 +262,7 @@ def _smallest_feasible_lam(slope: np.ndarray, step_cost: np.ndarray, room: int) 
         s, c = s[below], c[below]
 
 
-def _greedy_fill(hull: _Hull, pos: np.ndarray, left: int) -> np.ndarray:
+def _greedy_fill(hull: Hull, pos: np.ndarray, left: int) -> np.ndarray:
     """Spend ``left`` on the hull steps not taken yet, best slope first, never overspending.
 
     ``pos`` [n_units] is each unit's current hull point; returns the new positions.
@@ -289,23 +309,27 @@ def _greedy_fill(hull: _Hull, pos: np.ndarray, left: int) -> np.ndarray:
     return pos
 
 
-def allocate(menu: Menu, budget: int, fixed_cost: int = 0, *, unit: str = "bytes") -> Allocation:
-    """Minimise total distortion subject to ``fixed_cost + total cost <= budget``.
+def allocate(menu: Menu, budget: int, fixed_cost: int = 0, *, unit: str | None = None) -> Allocation:
+    """Minimise total distortion subject to ``fixed_cost + total cost <= budget``, both in
+    the menu's cost unit (``menu.unit``; ``unit``, if given, must agree with it).
 
     Raises :class:`InfeasibleBudget` when ``budget`` lies outside the achievable range
     (above it too: no plan can use more than the dearest one).
     """
+    if unit is not None and unit != menu.unit:
+        raise ValueError(f"allocate(unit={unit!r}) on a menu whose costs are in {menu.unit}")
+    unit = menu.unit
     budget, fixed_cost = int(budget), int(fixed_cost)
     min_cost, max_cost = cost_range(menu, fixed_cost)
     if not min_cost <= budget <= max_cost:
         raise InfeasibleBudget(budget, min_cost, max_cost, unit)
-    hull = _hull(menu)
+    hull = hull_of(menu)
     rows = np.arange(menu.n_units)
     # Every chain starts at the unit's cheapest option, so work with what the budget allows
     # beyond the cheapest plan.
     room = budget - min_cost
     gain = hull.slope > 0  # [n, m] steps that lower distortion
-    if _exact_sum(hull.step_cost[gain]) <= room:
+    if exact_sum(hull.step_cost[gain]) <= room:
         lam = 0.0  # the budget does not bind: every unit takes its lowest distortion
         take = gain
     else:
@@ -313,15 +337,35 @@ def allocate(menu: Menu, budget: int, fixed_cost: int = 0, *, unit: str = "bytes
         take = hull.slope > lam
     del gain
     pos = take.sum(1)  # [n] Lagrangian argmin at lam (ties to the cheaper option)
-    left = room - _exact_sum(hull.step_cost[take])
+    left = room - exact_sum(hull.step_cost[take])
     del take
     pos = _greedy_fill(hull, pos, left)
     choice = hull.option[rows, pos].astype(np.intp)  # [n]
-    cost = fixed_cost + _exact_sum(menu.cost[rows, choice])
+    cost = fixed_cost + exact_sum(menu.cost[rows, choice])
     if cost > budget:  # a broken invariant, not a user error
         raise AssertionError(f"allocator overspent: {cost} > {budget}")
     distortion = float(menu.distortion[rows, choice].sum())
-    return Allocation(choice, lam, cost, distortion, min_cost, max_cost, budget)
+    bound = min(distortion, lagrangian_bound(menu, budget, fixed_cost, lam))  # rounding must not put it above
+    return Allocation(choice, lam, cost, distortion, min_cost, max_cost, budget, bound)
+
+
+def lagrangian_bound(menu: Menu, budget: int, fixed_cost: int, lam: float) -> float:
+    """The Lagrangian dual at ``lam`` >= 0: ``sum_u min_j (d_uj + lam c_uj) - lam (budget - fixed_cost)``.
+
+    Weak duality: for every plan within the budget, ``sum d <= sum d + lam (budget - fixed - sum c)``,
+    and the right side is at least this value, so no plan of this menu within the budget has a
+    lower total distortion. At the allocator's ``lam`` it is the best such bound (the dual is
+    concave in ``lam`` and maximal where the Lagrangian solution's cost crosses the budget), so
+    ``distortion - bound`` says how far the plan can be from the best plan of the menu.
+    """
+    total = 0.0
+    for start in range(0, menu.n_units, _CHUNK):  # chunks bound the [units, options] temporaries
+        stop = min(start + _CHUNK, menu.n_units)
+        pen = menu.distortion[start:stop] + lam * menu.cost[start:stop]  # [chunk, options]
+        if menu.legal is not None:
+            pen = np.where(menu.legal[start:stop], pen, np.inf)
+        total += float(pen.min(1).sum())
+    return total - lam * (int(budget) - int(fixed_cost))
 
 
 def smallest_multiplier(run: Callable[[float], tuple[Any, float]], limit: float, start: float, *,

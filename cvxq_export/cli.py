@@ -8,19 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from .errors import CvxqError
 
-OUTPUT_MARKER = ".cvxq-export"
-FORMATS = ("gguf", "onnx", "packed")
-# --decode-speed when not given, per format (the references differ: ORT's RTN file for
-# onnx, the fastest type mix of the size for gguf; docs/benchmarks.md, session 6: at 0.95
-# the GGUF files decode as fast as llama.cpp's presets at 74 MB and 1.23x as fast above;
-# 0.9 would be 0.92x at 74 MB)
-DEFAULT_DECODE_SPEED = {"onnx": 0.9, "gguf": 0.95}
+from .checks import check_output_dir, check_positive, check_text
 
 
 def _common(p: argparse.ArgumentParser, *, model: bool = True, budget: bool = False, output: bool = True) -> None:
@@ -43,14 +36,16 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, budget: bool = Fa
     p.add_argument("--no-cache", action="store_true", help="recalibrate even if cached sensitivities exist")
     p.add_argument("--eval-text", default=None, help="text file for perplexity / KL evaluation")
     p.add_argument("--eval-windows", type=int, default=20, help="evaluation windows (default 20)")
-    p.add_argument("--format", default=None, help="output formats, comma-separated: gguf,onnx,packed")
+    p.add_argument("--format", default=None,
+                   help="output formats, comma-separated: gguf,onnx,packed (default: the device profile's format, "
+                        "or gguf with --budget); several formats come from one calibration, each in DIR/FORMAT/")
     if budget:
         p.add_argument("--decode-speed", type=float, default=None, metavar="R",
                        help="keep the modeled speed at least R x a fast reference of about the same size "
                             "(0 turns the limit off and lets the plan use whatever loses least). onnx (default "
-                            f"{DEFAULT_DECODE_SPEED['onnx']}): decode vs ONNX Runtime's own 4-bit RTN file (8-bit, "
+                            f"{_default_speed('onnx')}): decode vs ONNX Runtime's own 4-bit RTN file (8-bit, "
                             "offset, 16/32-blocks cost time; planned 5%% faster than asked for the model's scatter); "
-                            f"gguf (default {DEFAULT_DECODE_SPEED['gguf']}): one decode step + one prompt token in "
+                            f"gguf (default {_default_speed('gguf')}): one decode step + one prompt token in "
                             "llama.cpp vs the fastest type mix of the same size (measured: Q4_1 / Q5_x / Q8_0 on the "
                             "linears prefill up to 2.7x slower than Q4_0 / IQ4_NL, the IQ2 / IQ3 types decode slower; "
                             "llama.cpp's presets sit at 0.8-0.95 of that mix on SmolLM2: at 93.5 MB 0.9 still decodes "
@@ -93,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (and KL vs the original) of a model, optionally under a plan")
     _common(p, output=False)
     p.add_argument("--plan", default=None, help="quantize with this plan.json before evaluating")
+    p = sub.add_parser("run", help="generate text from a written model file: .gguf in llama.cpp, .onnx in ONNX Runtime")
+    p.add_argument("file", help="model.gguf or model.onnx (the folder `fit --format onnx` wrote: tokenizer next to it)")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("devices", help="list device profiles and the weight budget each gives")
     p.add_argument("--model", default=None, help="model to size the KV cache for (default: SmolLM2-135M config)")
     p.add_argument("--context", type=int, default=None)
@@ -103,47 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --------------------------------------------------------------------------- checks
+def _default_speed(name: str) -> float | None:
+    from .formats.registry import get_format
 
-
-def check_output_dir(path: str | None, force: bool) -> Path:
-    if not path:
-        raise CvxqError("no output directory given", "add -o DIR")
-    out = Path(path)
-    if out.exists():
-        if not out.is_dir():
-            raise CvxqError(f"output path {out} exists and is not a directory", "choose another -o DIR")
-        if any(out.iterdir()) and not (out / OUTPUT_MARKER).exists() and not force:
-            raise CvxqError(f"output directory {out} exists, is not empty and was not made by cvxq-export",
-                            "choose a new -o DIR, or pass --force to write into it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OUTPUT_MARKER).write_text("made by cvxq-export\n")
-    return out
-
-
-def check_formats(text: str | None) -> list[str]:
-    if not text:
-        return []
-    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise CvxqError(f"unknown format(s): {', '.join(bad)}", f"use one or more of {', '.join(FORMATS)}, comma-separated")
-    return formats
-
-
-def check_text(path: str | None, what: str) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if not p.is_file():
-        raise CvxqError(f"{what} file {path} does not exist", f"pass an existing text file to --{what}")
-
-
-def check_positive(args: argparse.Namespace) -> None:
-    for name in ("windows", "seq_len", "eval_windows", "n_pcs"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise CvxqError(f"--{name.replace('_', '-')} must be positive, got {value}", "pass a positive integer")
+    return get_format(name).default_decode_speed
 
 
 def torch_device(choice: str | None) -> str:
@@ -152,25 +115,6 @@ def torch_device(choice: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_budget(args: argparse.Namespace, loaded=None, *, model_config=None) -> tuple[int, dict[str, Any] | None]:
-    """Bytes for the weights, and the device breakdown when it came from a profile."""
-    from .devices import load_device, model_shape_from_config, weight_budget
-    from .sizes import parse_size
-
-    if args.budget and args.device:
-        raise CvxqError("both --budget and --device given", "pass one: --budget overrides the device's budget, so drop --device")
-    if args.budget:
-        return parse_size(args.budget), None
-    if args.device:
-        profile = load_device(args.device)
-        if loaded is None:
-            return -1, None  # profile valid; the budget needs the model's shape
-        shape = model_shape_from_config(loaded.config)
-        bd = weight_budget(profile, shape, args.context)
-        return bd.weights, bd.to_dict()
-    raise CvxqError("no budget given", "pass --budget SIZE (e.g. 90MB) or --device NAME (see `cvxq-export devices`)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -245,7 +189,7 @@ def cmd_calibrate(args) -> dict:
     from .pipeline import calibrate_cached
 
     check_text(args.calibration, "calibration")
-    check_positive(args)
+    check_positive(windows=args.windows, seq_len=args.seq_len, n_pcs=args.n_pcs)
     out = check_output_dir(args.output, args.force) if args.output else None
     loaded, device = _load(args)
     outcome = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet,
@@ -259,344 +203,21 @@ def cmd_calibrate(args) -> dict:
     return result
 
 
-def cmd_plan(args, *, full: bool = False) -> dict:
-    """``plan`` writes plan.json; ``fit`` (full=True) also quantizes, evaluates, reports."""
-    from .native import Geometry
-    from .pipeline import calibrate_cached, check_budget, native_size_range, plan_native, select_weights
-    from .plan import Plan
-    from .sizes import format_size
+def cmd_fit(args, *, write: bool = True) -> dict:
+    """``fit`` (``write``): plan, write, verify and report every requested format; ``plan``: plan.json only."""
+    from .api import fit
+    from .formats.base import FitOptions
 
-    # ---- everything that can fail fast, before loading or calibrating
-    formats = check_formats(args.format)
-    check_text(args.calibration, "calibration")
-    check_text(args.eval_text, "eval-text")
-    check_positive(args)
-    budget, _ = resolve_budget(args) if not getattr(args, "plan", None) else (0, None)
-    _check_report_args(args, formats)
-    out = check_output_dir(args.output, args.force)
-    pending = [f for f in formats if f not in ("gguf", "packed", "onnx")]
-    if pending:
-        _log(args, f"note: formats {', '.join(pending)} are not implemented yet")
-    t0 = time.perf_counter()
-    loaded, device = _load(args)
-    budget, breakdown = resolve_budget(args, loaded) if not getattr(args, "plan", None) else (0, None)
-    geometry = Geometry(max_row_group=args.max_row_group)
-    refs = select_weights(loaded, args.scope)
-    if budget:
-        if "gguf" in formats:
-            from .formats.gguf_target import size_range as gguf_size_range
-
-            size_range = gguf_size_range(loaded)
-        elif "onnx" in formats:
-            size_range = _onnx_size_range(args, loaded)
-        else:
-            size_range = native_size_range(loaded, refs, geometry, 32)
-        if breakdown is not None and budget > size_range[1]:
-            # A device with room to spare: the whole model at the largest option fits.
-            _log(args, f"device budget {format_size(budget)} exceeds the largest plan ({format_size(size_range[1])}); using that")
-            budget = size_range[1]
-        check_budget(budget, size_range)
-    # calibration text length is checked here too (before calibrating)
-    outcome = calibrate_cached(loaded, args.calibration, _settings(args), device=device, progress=not args.quiet,
-                               use_cache=not args.no_cache)
-    sens = outcome.sens
-    t_cal = time.perf_counter()
-    if "gguf" in formats:
-        return _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, breakdown=breakdown)
-    if "packed" in formats:
-        return _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, full=full, breakdown=breakdown)
-    if "onnx" in formats:
-        return _fit_onnx(args, loaded, sens, budget, out, outcome, t0, t_cal, full=full, breakdown=breakdown)
-    native_menu = None  # kept for the report's size-vs-distortion curve
-    if getattr(args, "plan", None):
-        plan = Plan.load(args.plan)
-    else:
-        plan, native_menu = plan_native(loaded, sens, budget, scope=args.scope, geometry=geometry, progress=not args.quiet)
-    plan.save(out / "plan.json")
-    t_plan = time.perf_counter()
-    _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget, "
-               f"{plan.summary()['bits_per_weight']:.3f} bits/weight over quantized tensors, lambda={plan.lam:.3e}")
-    result: dict[str, Any] = {"output": str(out), "plan": str(out / "plan.json"), "summary": plan.summary(),
-                              "sensitivities": str(outcome.path), "calibration_cached": outcome.cached,
-                              "device_budget": breakdown}
-    if not full:
-        return result
-    evaluation = _quantize_and_eval(args, loaded, sens, plan, device)
-    t_end = time.perf_counter()
-    timings = {"total_s": t_end - t0, "calibration_s": t_cal - t0 if not outcome.cached else 0.0,
-               "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, "quantize_eval_s": t_end - t_plan}
-    result.update(evaluation)
-    result["timings"] = timings
-    result.update(_report_and_analyze(args, out, plan=plan, loaded=loaded, sens=sens, evaluation=evaluation,
-                                      breakdown=breakdown, timings=timings, formats_pending=formats, artifacts=[],
-                                      native_menu=native_menu))
-    return result
-
-
-def _feedback_hessians(args, loaded):
-    """Input second moments for GPTQ-style error feedback (every format), unless --no-error-feedback."""
-    if getattr(args, "no_error_feedback", False):
-        return None
-    from .pipeline import input_hessians
-
-    _log(args, "error feedback: collecting input second moments (turn off with --no-error-feedback)")
-    return input_hessians(loaded, args.calibration, _settings(args), progress=not args.quiet)
-
-
-def _decode_speed(args, fmt: str) -> float | None:
-    """``--decode-speed`` for ``fmt``: its default when not given, None for no limit (0),
-    a clear error for a negative ratio."""
-    r = DEFAULT_DECODE_SPEED[fmt] if args.decode_speed is None else args.decode_speed
-    if r < 0:
-        raise CvxqError(f"--decode-speed {r} is negative", "pass a ratio such as 0.9, or 0 for no limit")
-    return r or None
-
-
-def _fit_gguf(args, loaded, sens, budget, out, outcome, t0, t_cal, *, breakdown=None) -> dict:
-    """The GGUF target: the budget is the whole .gguf file on disk."""
-    from .formats.gguf_target import export_gguf
-    from .sizes import format_size
-    from .textdata import evaluation_windows
-
-    plan = None
-    if getattr(args, "plan", None):
-        from .plan import Plan
-
-        plan = Plan.load(args.plan)
-        budget = plan.budget_bytes
-    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
-    hessians = _feedback_hessians(args, loaded)
-    info = export_gguf(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan,
-                       hessians=hessians, speed=None if plan is not None else _decode_speed(args, "gguf"),
-                       bias_correction=getattr(args, "bias_correction", False))
-    info["timings"] = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
-                       "calibration_cached": outcome.cached}
-    from .plan import Plan as _Plan
-    from .report import Artifact
-
-    # report.json keeps export_gguf's keys at its top level; the analysis, plots and curve come next to them
-    reported = _report_and_analyze(args, out, plan=_Plan.load(out / "plan.json"), loaded=loaded, sens=sens,
-                                   evaluation={k: info[k] for k in ("eval",) if k in info}, breakdown=breakdown,
-                                   timings=info["timings"], formats_pending=[],
-                                   artifacts=[Artifact("gguf", info["path"], info["file_bytes"])],
-                                   curve=info.get("rd_curve"), extra=info)
-    _log(args, f"gguf: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(budget)}), types {info['types']}")
-    if "eval" in info:
-        e = info["eval"]
-        _log(args, f"perplexity: llama.cpp {e['llama_cpp_perplexity']:.3f}, PyTorch (same weights) {e['torch_perplexity']:.3f}, "
-                   f"difference {100 * e['relative_difference']:.3f} %")
-    return {"output": str(out), "gguf": info, "calibration_cached": outcome.cached, "sensitivities": str(outcome.path),
-            **reported}
-
-
-def _fit_packed(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool = True, breakdown=None) -> dict:
-    """The packed target: the budget is the whole model.cvxq.safetensors file on disk
-    (the plan counts the file's header, level tables and alignment as fixed bytes)."""
-    import copy
-
-    from .evaluate import evaluate
-    from .formats.packed import export_packed, load_packed_into_model, plan_packed
-    from .native import Geometry
-    from .plan import Plan
-    from .report import Artifact
-    from .sizes import format_size
-    from .textdata import evaluation_windows
-
-    native_menu = None  # built here (not inside plan_packed) so the report can trace the size-vs-distortion curve
-    if getattr(args, "plan", None):
-        plan = Plan.load(args.plan)  # the writer refuses a file over plan.budget_bytes
-    else:
-        from .native import build_menu
-        from .pipeline import select_weights
-
-        geometry = Geometry(max_row_group=args.max_row_group)
-        native_menu = build_menu(loaded, sens, select_weights(loaded, args.scope), geometry, progress=not args.quiet)
-        plan = plan_packed(loaded, sens, budget, scope=args.scope, geometry=geometry, progress=not args.quiet,
-                           menu=native_menu)
-    plan.save(out / "plan.json")
-    t_plan = time.perf_counter()
-    _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget (packed file, header "
-               f"included), {plan.summary()['bits_per_weight']:.3f} bits/weight over quantized tensors, lambda={plan.lam:.3e}")
-    result: dict[str, Any] = {"output": str(out), "plan": str(out / "plan.json"), "summary": plan.summary(),
-                              "sensitivities": str(outcome.path), "calibration_cached": outcome.cached,
-                              "device_budget": breakdown}
-    if not full:
-        return result
-    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
-    reference = copy.deepcopy(loaded.model) if windows is not None else None
-    info = export_packed(loaded, sens, plan, out, progress=not args.quiet, hessians=_feedback_hessians(args, loaded))
-    _log(args, f"packed: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(plan.budget_bytes)}), "
-               f"read back bit-exact")
-    evaluation: dict[str, Any] = {"bias_corrected": info["bias_corrected"], "packed": info}
-    if windows is not None:  # evaluate the weights as read from the file
-        load_packed_into_model(info["path"], loaded)
-        base = evaluate(reference, windows, device=str(next(reference.parameters()).device), progress=not args.quiet,
-                        desc="eval original")
-        quant = evaluate(loaded.model, windows, reference, device=str(next(reference.parameters()).device),
-                         progress=not args.quiet, desc="eval packed")
-        evaluation["eval"] = {"text": args.eval_text, "original": base.to_dict(), "quantized": quant.to_dict()}
-        _log(args, f"perplexity: original {base.perplexity:.3f}, packed {quant.perplexity:.3f}, KL {quant.kl:.4f} nats/token")
-    t_end = time.perf_counter()
-    timings = {"total_s": t_end - t0, "calibration_s": t_cal - t0 if not outcome.cached else 0.0,
-               "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, "export_eval_s": t_end - t_plan}
-    result.update(evaluation)
-    result["timings"] = timings
-    others = [f for f in check_formats(args.format) if f != "packed"]
-    evaluation.pop("packed", None)  # reported as an artifact; the full dict stays in the result
-    result.update(_report_and_analyze(args, out, plan=plan, loaded=loaded, sens=sens, evaluation=evaluation,
-                                      breakdown=breakdown, timings=timings, formats_pending=others,
-                                      artifacts=[Artifact("packed", info["path"], info["file_bytes"])],
-                                      native_menu=native_menu, extra={"packed": info}))
-    return result
-
-
-def _onnx_size_range(args, loaded) -> tuple[int, int]:
-    """The ONNX file's achievable sizes, from shapes alone (before calibrating)."""
-    from .formats.onnx_target import size_range
-
-    if args.scope != "all":
-        raise CvxqError("the ONNX target quantizes every weight matrix, embedding included (--scope blocks is for the "
-                        "native plan)", "drop --scope blocks, or use --format packed")
-    return size_range(loaded)
-
-
-def _fit_onnx(args, loaded, sens, budget, out, outcome, t0, t_cal, *, full: bool = True, breakdown=None) -> dict:
-    """The ONNX target: the budget is model.onnx on disk (graph and weights in one file);
-    ``plan`` stops after plan.json, ``fit`` writes the model, tokenizer and generate.py
-    and verifies them in ONNX Runtime."""
-    from .formats.onnx_target import check_supported, export_onnx, option_counts, plan_onnx
-    from .plan import Plan
-    from .report import Artifact
-    from .sizes import format_size
-    from .textdata import evaluation_windows
-
-    check_supported(loaded)
-    if getattr(args, "plan", None):
-        plan = Plan.load(args.plan)
-        budget = plan.budget_bytes
-    else:
-        plan, _ = plan_onnx(loaded, sens, budget, progress=not args.quiet, decode_speed=_decode_speed(args, "onnx"))
-    plan.save(out / "plan.json")
-    t_plan = time.perf_counter()
-    _log(args, f"plan: {format_size(plan.total_bytes)} of {format_size(plan.budget_bytes)} budget (model.onnx, graph "
-               f"bound included), {plan.summary()['bits_per_weight']:.3f} bits/weight, lambda={plan.lam:.3e}")
-    result: dict[str, Any] = {"output": str(out), "plan": str(out / "plan.json"), "summary": plan.summary(),
-                              "options_by_weights": option_counts(plan), "sensitivities": str(outcome.path),
-                              "calibration_cached": outcome.cached, "device_budget": breakdown}
-    if not full:
-        return result
-    windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids if args.eval_text else None
-    info = export_onnx(loaded, sens, budget, out, eval_windows=windows, progress=not args.quiet, plan=plan,
-                       hessians=_feedback_hessians(args, loaded))
-    timings = {"total_s": time.perf_counter() - t0, "calibration_s": 0.0 if outcome.cached else t_cal - t0,
-               "calibration_cached": outcome.cached, "plan_s": t_plan - t_cal, **info["timings"]}
-    info["timings"] = timings
-    v = info["verify"]
-    _log(args, f"onnx: {info['path']} {format_size(info['file_bytes'])} (budget {format_size(budget)}), opset "
-               f"{info['opset']}, embedding {info['embedding_option']}; ONNX Runtime fused {v['fusion']['matmulnbits']} "
-               f"MatMulNBits (bits {v['fusion']['bits']}) + GatherBlockQuantized; greedy generation (fp32 compute) "
-               f"{'identical to' if v['greedy_identical'] else 'DIFFERS from'} PyTorch")
-    if "eval" in v:
-        e = v["eval"]
-        _log(args, f"perplexity: PyTorch (same weights) {e['torch_perplexity']:.3f}, ONNX Runtime fp32 compute "
-                   f"{e['onnxruntime_exact_perplexity']:.3f} ({100 * e['relative_difference']:.3f} %), ONNX Runtime "
-                   f"default (int8 activations) {e['onnxruntime_perplexity']:.3f}")
-    result["onnx"] = info
-    result.update(_report_and_analyze(args, out, plan=plan, loaded=loaded, sens=sens, evaluation={},
-                                      breakdown=breakdown, timings=timings, formats_pending=[],
-                                      artifacts=[Artifact("onnx", info["path"], info["file_bytes"])], extra=info))
-    return result
-
-
-def _check_report_args(args, formats: list[str]) -> None:
-    """Fail fast on the report / analysis flags of ``fit`` (before loading or calibrating)."""
-    compress = getattr(args, "compress", "none") or "none"
-    if compress == "none":
-        return
-    if "packed" not in formats:
-        raise CvxqError(f"--compress {compress} needs the packed format", "add --format packed, or drop --compress")
-    if compress == "auto":
-        if getattr(args, "no_analysis", False):
-            raise CvxqError("--compress auto decides from the analysis, which --no-analysis turns off",
-                            "drop --no-analysis, or name the codec: --compress zstd-3")
-        return
-    from .formats.packed_compressed import parse_codec
-
-    parse_codec(compress)  # raises a CvxqError naming the codecs the container holds
-
-
-def _report_and_analyze(args, out: Path, *, plan, loaded, sens, evaluation: dict, breakdown, timings: dict,
-                        formats_pending: list[str], artifacts: list, native_menu=None, curve=None,
-                        extra: dict | None = None) -> dict:
-    """The end of ``fit``: analyse each written artifact, write the compressed container when asked
-    (and, with ``--compress auto``, when the analysis predicts a gain), then report.md / .html / .json.
-
-    Returns what goes into the command's result: report paths, a compact analysis summary, the container.
-    """
-    from .report import Artifact, container_choice, run_analysis, write_report
-
-    # the planner's own notes (a speed limit that binds before the bytes, tied siblings, ...)
-    # belong in the report a person reads, not only in plan.json
-    notes: list[str] = [f"plan: {n}" for n in (plan.notes if plan is not None else [])]
-    for n in notes:
-        _log(args, n)
-    artifacts = list(artifacts)
-    if curve is None and native_menu is not None and plan is not None:
-        from .analysis.rd_curve import native_rd_curve
-
-        curve = native_rd_curve(plan, native_menu)
-    elif curve is None:
-        notes.append("size-vs-distortion curve: it is traced from the allocator's menu, which this run did not keep "
-                     "(a plan reused with --plan, or a target that does not return its menu)")
-    analysis: dict[str, dict] = {}
-    if getattr(args, "no_analysis", False):
-        notes.append("analysis: skipped (--no-analysis)")
-    elif not artifacts:
-        notes.append("analysis: no file was written to analyse (pass --format gguf, packed or onnx)")
-    else:
-        t = time.perf_counter()
-        analysis = run_analysis(artifacts, progress=not args.quiet, log=lambda m: _log(args, m))
-        timings = {**timings, "analysis_s": time.perf_counter() - t}
-    compressed = None
-    compress = getattr(args, "compress", "none") or "none"
-    packed_art = next((a for a in artifacts if a.format == "packed"), None)
-    if compress != "none" and packed_art is not None:
-        from .formats.packed_compressed import DEFAULT_CHUNK_BYTES, write_compressed_packed
-
-        result = analysis.get("packed")
-        choice = container_choice(result, force_codec=None if compress == "auto" else compress) if result else None
-        if compress == "auto" and choice is None:
-            notes.append("compressed container: not written: the analysis predicts no device on which the packed file "
-                         "would load at least 5 % faster compressed (--compress zstd-3 writes one anyway)")
-        else:
-            codec = choice["codec"] if choice else compress
-            chunk = choice["chunk_bytes"] if choice else DEFAULT_CHUNK_BYTES
-            info = write_compressed_packed(packed_art.path, codec=codec, chunk_size=chunk, progress=not args.quiet)
-            if choice and not choice["forced"]:
-                reason = (f"Chosen by the analysis: on {choice['device']} it is predicted to load "
-                          f"{1000 * choice['saving_s']:.0f} ms ({100 * choice['saving_fraction']:.0f} %) faster.")
-            elif choice:
-                reason = (f"Forced with --compress {compress}; the analysis predicts at best {1000 * choice['saving_s']:.0f} ms "
-                          f"({100 * choice['saving_fraction']:.1f} %) on {choice['device']}, not enough to recommend it.")
-            else:
-                reason = f"Forced with --compress {compress} (no analysis)."
-            compressed = {**info, "reason": reason}
-            artifacts.append(Artifact("packed-compressed", info["path"], info["file_bytes"]))
-            _log(args, f"compressed container: {info['path']} {info['file_bytes']:,} bytes ({100 * info['ratio']:.1f} %), "
-                       f"{codec} in {chunk >> 10} KiB chunks, read back through the packed reader")
-    path = write_report(out, plan, loaded, sens, evaluation, breakdown, timings, formats_pending, artifacts=artifacts,
-                        analysis=analysis, curve=curve, compressed=compressed, notes=notes, extra=extra)
-    summary = {fmt: {"best_codec": min(r["codecs"], key=lambda c: c["ratio"])["name"] if r["codecs"] else None,
-                     "best_ratio": min(c["ratio"] for c in r["codecs"]) if r["codecs"] else None,
-                     "compress_on": [d["device"] for d in r["devices"] if d["compress"]]}
-               for fmt, r in analysis.items()}
-    for fmt, s in summary.items():
-        if s["best_codec"]:
-            _log(args, f"analysis {fmt}: best codec {s['best_codec']} ({100 * s['best_ratio']:.1f} %); compressing helps on "
-                       f"{', '.join(s['compress_on']) or 'no device'}")
-    _log(args, f"report: {path} and {out / 'report.html'}")
-    return {"report": str(path), "report_html": str(out / "report.html"), "analysis": summary, "compressed": compressed,
-            "timings": timings}
+    options = FitOptions(scope=args.scope, max_row_group=args.max_row_group, decode_speed=args.decode_speed,
+                         error_feedback=not getattr(args, "no_error_feedback", False),
+                         bias_correction=getattr(args, "bias_correction", False), progress=not args.quiet)
+    result = fit(args.model, budget=args.budget, device=args.device, formats=args.format, output=args.output,
+                 options=options, calibration=args.calibration, settings=_settings(args), eval_text=args.eval_text,
+                 eval_windows=args.eval_windows, context=args.context, plan=getattr(args, "plan", None), write=write,
+                 analysis=not getattr(args, "no_analysis", False), compress=getattr(args, "compress", "none") or "none",
+                 force=args.force, torch_device=args.torch_device, use_cache=not args.no_cache,
+                 log=lambda m: _log(args, m))
+    return result.to_dict()
 
 
 def _cmd_analyze(args) -> dict:
@@ -630,7 +251,7 @@ def _quantize_and_eval(args, loaded, sens, plan, device) -> dict:
 def _eval_onnx(args) -> dict:
     """``cvxq-export eval DIR/model.onnx``: perplexity and a greedy sample in ONNX Runtime,
     with the tokenizer saved next to the file by ``fit --format onnx``."""
-    from .formats.onnx_target import OrtDecoder
+    from .formats.onnx.target import OrtDecoder
     from .textdata import evaluation_windows
 
     path = Path(args.model)
@@ -638,14 +259,7 @@ def _eval_onnx(args) -> dict:
         raise CvxqError(f"ONNX file {path} does not exist", "pass the model.onnx written by `cvxq-export fit --format onnx`")
     if args.plan:
         raise CvxqError("--plan applies to a PyTorch model, not to an exported .onnx file", "drop --plan")
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), local_files_only=True)
-    except Exception:  # noqa: BLE001 - any failure means the folder has no usable tokenizer
-        raise CvxqError(f"no tokenizer next to {path}",
-                        "evaluate the model.onnx inside the folder `cvxq-export fit --format onnx` wrote "
-                        "(tokenizer.json sits next to it)") from None
+    tokenizer = _tokenizer_next_to(path)
     windows = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids
     decoder = OrtDecoder(path)
     res = decoder.perplexity(windows, progress=not args.quiet)
@@ -658,18 +272,61 @@ def _eval_onnx(args) -> dict:
                                                    "decode_tokens_per_s": tps}}
 
 
+def cmd_run(args) -> dict:
+    """Greedy generation in the file's own runtime: what a device would run."""
+    check_positive(max_new_tokens=args.max_new_tokens)
+    path = Path(args.file)
+    if not path.is_file():
+        raise CvxqError(f"model file {path} does not exist", "pass the model.gguf or model.onnx that `cvxq-export fit` wrote")
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        from .formats.gguf.llama_eval import llama_generate
+
+        text, tps = llama_generate(str(path), args.prompt, args.max_new_tokens)
+        runtime = "llama.cpp"
+    elif suffix == ".onnx":
+        from .formats.onnx.target import OrtDecoder
+
+        tokenizer = _tokenizer_next_to(path)
+        tokens, tps = OrtDecoder(path).greedy(tokenizer(args.prompt, add_special_tokens=False)["input_ids"],
+                                              args.max_new_tokens)
+        text = tokenizer.decode(tokens)
+        runtime = "ONNX Runtime"
+    else:
+        raise CvxqError(f"{path.name}: `run` takes a .gguf or .onnx file",
+                        "the packed container has no runtime of its own: decode it with packed_decoder.c")
+    if not args.json:
+        print(args.prompt + text)
+    _log(args, f"{runtime}: {tps:.1f} tokens/s")
+    return {"runtime": runtime, "prompt": args.prompt, "text": text, "decode_tokens_per_s": tps}
+
+
+def _tokenizer_next_to(path: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means the folder has no usable tokenizer
+        raise CvxqError(f"no tokenizer next to {path}",
+                        "use the model.onnx inside the folder `cvxq-export fit --format onnx` wrote "
+                        "(tokenizer.json sits next to it)") from None
+
+
 def cmd_eval(args) -> dict:
     from .evaluate import evaluate
     from .plan import Plan
     from .textdata import evaluation_windows
 
     check_text(args.eval_text, "eval-text")
-    check_positive(args)
+    check_positive(windows=args.windows, seq_len=args.seq_len, n_pcs=args.n_pcs, eval_windows=args.eval_windows)
     if not args.eval_text:
         raise CvxqError("no evaluation text given", "pass --eval-text FILE")
     if args.model and str(args.model).lower().endswith(".onnx"):
         return _eval_onnx(args)
     plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None and plan.format not in ("native", "packed"):
+        raise CvxqError(f"--plan {args.plan} is a {plan.format} plan; eval --plan quantizes in PyTorch with CVXQ's own "
+                        "(packed) menu", f"evaluate the {plan.format} file that fit wrote instead: cvxq-export eval FILE")
     loaded, device = _load(args)
     windows = evaluation_windows(loaded.tokenizer, args.eval_text, args.eval_windows, args.seq_len).ids
     if plan is None:
@@ -677,7 +334,7 @@ def cmd_eval(args) -> dict:
         _log(args, f"perplexity {res.perplexity:.3f} over {res.tokens} tokens (PyTorch, dequantized weights)")
         result: dict[str, Any] = {"eval": res.to_dict()}
         if loaded.source.kind == "gguf":
-            from .formats.llama_eval import llama_generate, llama_perplexity
+            from .formats.gguf.llama_eval import llama_generate, llama_perplexity
 
             lres = llama_perplexity(loaded.source.path, windows, progress=not args.quiet)
             rel = abs(lres.perplexity - res.perplexity) / res.perplexity
@@ -705,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    handlers = {"fit": lambda a: cmd_plan(a, full=True), "plan": cmd_plan, "calibrate": cmd_calibrate,
-                "eval": cmd_eval, "devices": cmd_devices, "analyze": _cmd_analyze}
+    handlers = {"fit": cmd_fit, "plan": lambda a: cmd_fit(a, write=False), "calibrate": cmd_calibrate,
+                "eval": cmd_eval, "run": cmd_run, "devices": cmd_devices, "analyze": _cmd_analyze}
     try:
         result = handlers[args.command](args)
     except CvxqError as exc:

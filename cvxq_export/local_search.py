@@ -120,12 +120,12 @@ def lagrangian_scales(m: Menu, times: np.ndarray) -> tuple[float, float]:
             float(np.median(t[t > 0])) if (t > 0).any() else 1.0)
 
 
-def fastest_plan(m: Menu, times: np.ndarray, budget: int, fixed: int = 0, *, unit: str = "bytes",
+def fastest_plan(m: Menu, times: np.ndarray, budget: int, fixed: int = 0, *, unit: str | None = None,
                  scales: tuple[float, float] | None = None) -> Allocation:
     """The fastest plan within ``budget``: time alone, distortion only breaking ties.
     Raises :class:`~cvxq_export.errors.InfeasibleBudget` when no plan fits."""
     d_scale, t_scale = scales or lagrangian_scales(m, times)
-    return allocate(Menu(m.cost, times / t_scale + 1e-9 * m.distortion / d_scale, m.legal), budget, fixed, unit=unit)
+    return allocate(m.with_costs(distortion=times / t_scale + 1e-9 * m.distortion / d_scale), budget, fixed, unit=unit)
 
 
 @dataclass
@@ -137,7 +137,7 @@ class TwoLimitPlan:
 
 
 def search_two_limits(m: Menu, times: np.ndarray, time_cap: float, budget: int, fixed: int = 0, *,
-                      unit: str = "bytes", scales: tuple[float, float] | None = None,
+                      unit: str | None = None, scales: tuple[float, float] | None = None,
                       stale_growths: int | None = None, steps_from_zero: int = 14) -> TwoLimitPlan:
     """The least-distortion plan found within ``budget`` (``fixed`` + costs) and
     ``sum(times) <= time_cap``: the fastest plan (:func:`fastest_plan`), then distortion +
@@ -153,7 +153,7 @@ def search_two_limits(m: Menu, times: np.ndarray, time_cap: float, budget: int, 
     visited = [(fastest, float("inf"))]
 
     def run(mu: float):
-        alloc = allocate(Menu(m.cost, m.distortion + mu * times, m.legal), budget, fixed, unit=unit)
+        alloc = allocate(m.with_costs(distortion=m.distortion + mu * times), budget, fixed, unit=unit)
         visited.append((alloc, mu))
         return alloc, float(times[rows, alloc.choice].sum())
 

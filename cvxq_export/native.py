@@ -103,8 +103,9 @@ def importance_matrix(sens: Sensitivities, ref: WeightRef) -> torch.Tensor:
 
 
 def build_menu(loaded: LoadedModel, sens: Sensitivities, refs: list[WeightRef], geometry: Geometry = Geometry(),
-               *, progress: bool = True) -> NativeMenu:
-    """Quantize every unit at every option and record exact bits and distortion."""
+               *, progress: bool = True, distortion: np.ndarray | None = None) -> NativeMenu:
+    """Quantize every unit at every option and record exact bits and distortion.
+    ``distortion`` (``[n_units, n_options]``, a cached menu's) skips the quantization."""
     from tqdm.auto import tqdm
 
     layout: list[TensorUnits] = []
@@ -112,30 +113,36 @@ def build_menu(loaded: LoadedModel, sens: Sensitivities, refs: list[WeightRef], 
     dists: list[np.ndarray] = []
     start = 0
     total = sum(r.numel for r in refs)
-    bar = tqdm(total=total, desc="menu", unit="w", unit_scale=True, disable=not progress)
+    bar = tqdm(total=total, desc="menu", unit="w", unit_scale=True, disable=not progress or distortion is not None)
     for ref in refs:
         if ref.cols % geometry.col_group:
             raise ValueError(f"{ref.name}: {ref.cols} columns not a multiple of column group {geometry.col_group}")
         r = geometry.row_group_for(ref.rows, sens.settings.row_group)
         c = geometry.col_group
-        with torch.no_grad():
-            x = to_units(loaded.weight_tensor(ref).detach().float().cpu(), r, c)  # [n, r*c]
-            imp = to_units(importance_matrix(sens, ref), r, c)  # [n, r*c]
-            n = x.shape[0]
-            dist = np.empty((n, len(OPTIONS)), dtype=np.float64)
-            cost = np.empty((n, len(OPTIONS)), dtype=np.int64)
-            for j, (bits, kind) in enumerate(OPTIONS):
-                q = quantize(x, bits, kind, imp)
-                err = q.dequant - x
-                dist[:, j] = (err * err * imp).sum(1).double().numpy()
-                cost[:, j] = unit_bits(bits, r * c)
+        n = ref.numel // (r * c)
+        cost = np.empty((n, len(OPTIONS)), dtype=np.int64)
+        for j, (bits, _) in enumerate(OPTIONS):
+            cost[:, j] = unit_bits(bits, r * c)
+        if distortion is not None:
+            dist = np.asarray(distortion[start:start + n], dtype=np.float64)
+        else:
+            with torch.no_grad():
+                x = to_units(loaded.weight_tensor(ref).detach().float().cpu(), r, c)  # [n, r*c]
+                imp = to_units(importance_matrix(sens, ref), r, c)  # [n, r*c]
+                dist = np.empty((n, len(OPTIONS)), dtype=np.float64)
+                for j, (bits, kind) in enumerate(OPTIONS):
+                    q = quantize(x, bits, kind, imp)
+                    err = q.dequant - x
+                    dist[:, j] = (err * err * imp).sum(1).double().numpy()
         layout.append(TensorUnits(ref, r, c, start, n))
         costs.append(cost)
         dists.append(dist)
         start += n
         bar.update(ref.numel)
     bar.close()
-    return NativeMenu(layout, Menu(np.concatenate(costs), np.concatenate(dists)))
+    if distortion is not None and start != len(distortion):
+        raise ValueError(f"cached native menu has {len(distortion)} units, the model {start}")
+    return NativeMenu(layout, Menu(np.concatenate(costs), np.concatenate(dists), unit="bits"))
 
 
 @dataclass

@@ -130,7 +130,8 @@ def plan_native(loaded: LoadedModel, sens: Sensitivities, budget: int, *, scope:
                                   native_tensor_bytes(unit_map, t.unit_size), dist))
     total = fixed - tensor_padding_allowance() * len(refs) + sum(t.bytes for t in tensors)
     plan = Plan("native", budget, total, fixed, alloc.lam, alloc.distortion, fixed + lo_bits // 8,
-                fixed + hi_bits // 8, loaded.source.display, sens.model_fingerprint, tensors, scope)
+                fixed + hi_bits // 8, loaded.source.display, sens.model_fingerprint, tensors, scope,
+                dual_bound=alloc.dual_bound)
     if total > budget:  # the padding allowance makes this impossible; keep the promise checked
         raise AssertionError(f"plan uses {total} bytes > budget {budget}")
     return plan, menu
@@ -191,8 +192,7 @@ def input_hessians(loaded: LoadedModel, calibration: str | None, settings: Calib
     weight name; the tied embedding gets the output head's input) over the first
     ``n_windows`` calibration windows: what error feedback needs.
 
-    Not cached: for SmolLM2 they are ~0.4 GB and take a minute or two to collect,
-    less than reading them back would save.
+    :func:`input_hessians_cached` keeps them on disk next to the sensitivities.
     """
     from .activations import collect_input_stats
 
@@ -207,3 +207,39 @@ def input_hessians(loaded: LoadedModel, calibration: str | None, settings: Calib
             shared[key] = st.hessian.astype(np.float32)
         out[name] = shared[key]
     return out
+
+
+def input_hessians_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
+                          n_windows: int = 32, progress: bool = True, use_cache: bool = True
+                          ) -> tuple[dict[str, np.ndarray], bool]:
+    """:func:`input_hessians`, cached in :func:`cache_dir` under the model, text and settings:
+    collecting them takes a minute or two for SmolLM2 (32 forward windows of 512 tokens),
+    reading their ~0.4 GB back a second. Returns (moments, whether they came from the cache)."""
+    from .calibrate import model_fingerprint
+    from .io import atomic_path
+
+    text, source = read_text(calibration)
+    key_settings = CalibrationSettings(**{**asdict(settings), "calibration": source, "n_windows": min(n_windows, settings.n_windows)})
+    fingerprint = model_fingerprint(loaded)
+    path = cache_dir() / f"moments-{sensitivities_key(fingerprint, key_settings, text)}.npz"
+    if use_cache and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = [str(n) for n in z["names"]]
+                index = z["index"]
+                unique = [z[f"m{i}"] for i in range(int(index.max()) + 1)] if len(index) else []
+            return {n: unique[int(i)] for n, i in zip(names, index)}, True
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: collect again
+    moments = input_hessians(loaded, calibration, settings, n_windows=n_windows, progress=progress)
+    ids: dict[int, int] = {}  # q/k/v (and gate/up) share one matrix: stored once
+    unique: dict[str, np.ndarray] = {}
+    for m in moments.values():
+        if id(m) not in ids:
+            ids[id(m)] = len(unique)
+            unique[f"m{len(unique)}"] = m
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, names=np.array(list(moments)), index=np.array([ids[id(m)] for m in moments.values()]), **unique)
+    return moments, False

@@ -63,6 +63,16 @@ class Plan:
     tensors: list[TensorPlan] = field(default_factory=list)
     scope: str = "all"  # which weights were quantized: "all" | "blocks"
     notes: list[str] = field(default_factory=list)
+    # weak-duality lower bound on the distortion of any plan of the same menu within the budget
+    # (allocate.lagrangian_bound); None for plans made before it was recorded
+    dual_bound: float | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """How far the plan's distortion can be above the best plan of its menu, as a fraction of it."""
+        if self.dual_bound is None or self.distortion <= 0:
+            return None
+        return max(0.0, (self.distortion - self.dual_bound) / self.distortion)
 
     def tensor(self, name: str) -> TensorPlan:
         for t in self.tensors:
@@ -83,6 +93,7 @@ class Plan:
         d["quantized_weights"] = self.quantized_weights
         d["quantized_bytes"] = self.quantized_bytes
         d["bits_per_weight"] = 8 * self.quantized_bytes / max(1, self.quantized_weights)
+        d["gap"] = self.gap
         return d
 
     def to_json(self) -> str:

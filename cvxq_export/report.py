@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .analysis.advice import Artifact
 from .io import atomic_path, write_json, write_text
 from .plan import Plan
 from .sizes import format_size
@@ -68,9 +69,14 @@ def bits_table(plan: Plan) -> dict[str, Any]:
             cell[(li, kind)][1] += n
         else:
             other[t.name] = 8 * t.bytes / n
-        if t.unit_map is not None:
+        if t.unit_map is not None and t.option == "native":  # packed: bit depth | kind per unit
             bits, _ = decode_map(t.unit_map)
             depth_hist += np.bincount(bits, minlength=9)[:9] * (t.row_group * t.col_group)
+        elif t.unit_map is not None and t.option == "qdq":  # ONNX: an option index per column group
+            from .formats.onnx.qdq import OPTIONS
+
+            bits = np.array([OPTIONS[int(i)].bits for i in t.unit_map], dtype=np.int64)
+            depth_hist += np.bincount(bits, minlength=9)[:9] * (t.col_group * t.rows)
     layers = sorted(by_layer)
     types = sorted({k for _, k in cell}, key=lambda k: min(i for i, (_, kk) in enumerate(cell) if kk == k))
     grid = [[(cell[(li, k)][0] / cell[(li, k)][1]) if (li, k) in cell else None for k in types] for li in layers]
@@ -102,64 +108,6 @@ def budget_breakdown(plan: Plan | None, device: dict | None, file_bytes: int | N
              ("headroom", budget - weights)]
     return {"total": budget, "total_label": "weight budget", "weights_budget": budget,
             "items": [{"name": n, "bytes": int(b)} for n, b in items if plan or n != "quantized weights"]}
-
-
-# =========================================================================== analysis of artifacts
-
-
-@dataclass
-class Artifact:
-    format: str  # gguf | packed | packed-compressed | onnx
-    path: str
-    file_bytes: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_analysis(artifacts: Sequence[Artifact], devices: Sequence | None = None, *, quick: bool = True,
-                 progress: bool = True, log=None) -> dict[str, dict]:
-    """``analyze_file`` of each artifact (format -> AnalysisResult dict), with budgets meant for the end of ``fit``.
-
-    ``quick`` samples 4 MiB per chunk size and times each decoder for 0.1 s:
-    about 15 s for a 75 MB file on two cores. A missing codec package or
-    matplotlib never fails the fit: the analysis says what it skipped.
-    """
-    from tqdm.auto import tqdm
-
-    from .analysis.analyze import analyze_file
-
-    out: dict[str, dict] = {}
-    for art in tqdm(list(artifacts), desc="analysis", unit="file", disable=not progress):
-        if log:
-            log(f"analysis: {art.format} {art.path} ...")
-        kw = dict(min_seconds=0.1, sample_bytes=4 << 20, tensor_sample_bytes=4 << 20) if quick else {}
-        out[art.format] = analyze_file(art.path, devices, **kw).to_dict()
-    return out
-
-
-def container_choice(result: dict, *, force_codec: str | None = None) -> dict | None:
-    """Which codec and chunk size to write a compressed container with, from an analysis result.
-
-    Only codecs the container holds (zstd, lz4) count. Returns the option with
-    the largest predicted saving on any device that the analysis recommends
-    compressing for, or None when no device gains. With ``force_codec``, that
-    codec at its best chunk size, gain or not.
-    """
-    best = None
-    for d in result.get("devices", []):
-        for opt in d.get("options", []):
-            if not (opt["codec"].startswith("zstd") or opt["codec"] == "lz4"):
-                continue
-            if force_codec and opt["codec"] != force_codec:
-                continue
-            saving = d["plain_s"] - opt["overlapped_s"]
-            gains = d["compress"] and saving >= 0.05 * d["plain_s"]
-            if (gains or force_codec) and (best is None or saving > best["saving_s"]):
-                best = {"codec": opt["codec"], "chunk_bytes": opt["chunk_bytes"], "device": d["device"],
-                        "saving_s": saving, "saving_fraction": saving / d["plain_s"] if d["plain_s"] else 0.0,
-                        "predicted_compressed_bytes": opt["compressed_bytes"], "forced": bool(force_codec and not gains)}
-    return best
 
 
 # =========================================================================== plots
@@ -260,31 +208,56 @@ def load_time_rows(result: dict) -> list[dict]:
 
 
 @dataclass
-class ReportData:
-    model: str
+class FormatSection:
+    """One written format in the report: its plan, file, evaluation and curve."""
+
+    format: str
+    plan: Plan | None
+    artifact: Artifact | None = None
+    evaluation: dict = field(default_factory=dict)
+    curve: Any = None  # RDCurve or its dict
+    info: dict = field(default_factory=dict)  # the format's own results (read-back, types, runtime checks)
+
+
+@dataclass
+class SectionData:
+    """A :class:`FormatSection` as plain data (what report.json holds per format)."""
+
+    format: str
     plan: dict | None
     bits: dict | None
     curve: dict | None
     breakdown: dict | None  # budget_breakdown(): the plot's data
+    evaluation: dict
+    artifact: dict | None
+
+
+@dataclass
+class ReportData:
+    model: str
+    sections: list[SectionData]
     device_budget: dict | None  # the device profile's breakdown, when --device was given
     artifacts: list[dict]
     analysis: dict[str, dict]  # format -> AnalysisResult dict
     compressed: dict | None  # the container written, if any
-    evaluation: dict
     timings: dict
-    formats_pending: list[str]
     calibration: dict | None
     notes: list[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)  # format-specific results kept at the top of report.json
+    extra: dict = field(default_factory=dict)  # per format its own results, kept at the top of report.json
 
     def to_json(self, plots: dict) -> dict:
         d = {**self.extra}
-        d.update({k: v for k, v in asdict(self).items() if k != "extra"})
+        d.update({k: v for k, v in asdict(self).items() if k not in ("extra", "sections")})
+        d["formats"] = {s.format: asdict(s) for s in self.sections}
         d["plots"] = plots
-        # back-compatible keys of earlier report.json files
-        d["device_budget"] = self.device_budget
-        d["formats_requested"] = self.formats_pending
         return d
+
+
+def _timing(v) -> str:
+    """A stage's seconds, or a format's stages ("menu_s 12.0 s, plan_s 0.4 s")."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k.removesuffix('_s')} {_timing(x)}" for k, x in v.items())
+    return f"{v:.1f} s" if isinstance(v, float) else str(v)
 
 
 def _fmt_s(s: float | None) -> str:
@@ -293,46 +266,37 @@ def _fmt_s(s: float | None) -> str:
     return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def render(data: ReportData, plots: dict[str, dict]) -> str:
-    """The Markdown report; images are referenced by file name (next to report.md)."""
-    from .analysis.analyze import render_markdown
+def _plot_key(base: str, section: SectionData, data: ReportData) -> str:
+    """Plot names: plain for a single format, suffixed by the format when there are several."""
+    return base if len(data.sections) == 1 else f"{base}_{section.format}"
 
-    p = data.plan
-    lines = [f"# cvxq-export report: {data.model}", ""]
-    if data.artifacts:
-        lines += ["## Artifacts", "", "| format | file | size on disk | budget | fits |", "|---|---|---:|---:|---|"]
-        budget = p["budget_bytes"] if p else None
-        for a in data.artifacts:
-            fits = "-" if not budget or a["format"] == "packed-compressed" else ("yes" if a["file_bytes"] <= budget else "**no**")
-            lines.append(f"| {a['format']} | `{Path(a['path']).name}` | {format_size(a['file_bytes'])} ({a['file_bytes']:,} bytes) | "
-                         f"{format_size(budget) if budget else '-'} | {fits} |")
-        lines.append("")
+
+def _render_section(s: SectionData, data: ReportData, plots: dict[str, dict], h: str) -> list[str]:
+    """Budget, bits, curve and quality of one format; ``h`` is its heading prefix ("##" or "###")."""
+    p = s.plan
+    lines: list[str] = []
     if p:
-        lines += ["## Budget", "",
+        lines += [f"{h} Budget", "",
                   f"- budget: **{format_size(p['budget_bytes'])}** ({p['budget_bytes']:,} bytes)",
                   f"- weights as planned: **{format_size(p['total_bytes'])}** ({p['total_bytes']:,} bytes), "
-                  f"of which {format_size(p['fixed_bytes'])} unquantized tensors (fp16), format overhead and alignment allowance",
+                  f"of which {format_size(p['fixed_bytes'])} unquantized tensors, format overhead and alignment",
                   f"- quantized: {p['quantized_weights']:,} weights in {format_size(p['quantized_bytes'])}, "
-                  f"**{p['bits_per_weight']:.3f} bits/weight** including scales, offsets and the bit-depth map",
-                  f"- achievable range for this model: {format_size(p['min_bytes'])} .. {format_size(p['max_bytes'])}",
-                  f"- certificate: lambda = {p['lam']:.4e}, total sensitivity-weighted distortion = {p['distortion']:.4e}", ""]
-    if data.breakdown:
-        b = data.breakdown
-        lines += ["### Budget breakdown", "", f"{b['total_label']}: {format_size(b['total'])}", "",
+                  f"**{p['bits_per_weight']:.3f} bits/weight** including scales, offsets and maps",
+                  f"- achievable range for this model: {format_size(p['min_bytes'])} .. {format_size(p['max_bytes'])}"]
+        lines.append(_certificate_line(p))
+        lines.append("")
+    if s.breakdown:
+        b = s.breakdown
+        lines += [f"{h}# Budget breakdown", "", f"{b['total_label']}: {format_size(b['total'])}", "",
                   "| item | bytes | share |", "|---|---:|---:|"]
         lines += [f"| {it['name']} | {format_size(it['bytes'])} | {100 * it['bytes'] / b['total']:.1f} % |"
                   for it in b["items"]] if b["total"] else []
         lines.append("")
-        lines += _image(plots, "budget", "Budget breakdown")
-    if data.device_budget:
-        lines += ["Device profile:", "", "| item | value |", "|---|---:|"]
-        lines += [f"| {k} | {format_size(v) if isinstance(v, int) and k != 'context' else v} |"
-                  for k, v in data.device_budget.items()]
-        lines.append("")
-    if data.bits:
-        t = data.bits
-        lines += ["## Bits per weight", ""]
-        lines += _image(plots, "bits_heatmap", "Bits per weight by layer and tensor type")
+        lines += _image(plots, _plot_key("budget", s, data), "Budget breakdown")
+    if s.bits:
+        t = s.bits
+        lines += [f"{h} Bits per weight", ""]
+        lines += _image(plots, _plot_key("bits_heatmap", s, data), "Bits per weight by layer and tensor type")
         lines += ["| tensor type | bits/weight |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in t["by_type"].items()]
         lines.append("")
@@ -340,37 +304,85 @@ def render(data: ReportData, plots: dict[str, dict]) -> str:
             lines += ["Weights at each bit depth:", "", "| bits | weights |", "|---:|---:|"]
             lines += [f"| {b} | {n:,} |" for b, n in enumerate(t["weights_at_depth"]) if n]
             lines.append("")
-    lines += ["## Size vs distortion", ""]
-    if data.curve:
-        c = data.curve
-        lines += _image(plots, "size_distortion", "Size vs distortion")
+    lines += [f"{h} Size vs distortion", ""]
+    if s.curve:
+        c = s.curve
+        lines += _image(plots, _plot_key("size_distortion", s, data), "Size vs distortion")
         lines += [f"The curve is the {c['note']}. The chosen plan: {format_size(c['chosen_bytes']) if c['chosen_bytes'] else '-'}, "
                   f"distortion {c['chosen_distortion']:.4e}." if c.get("chosen_distortion") is not None else c["note"], "",
                   "| budget | size | distortion (hull) |", "|---:|---:|---:|"]
         lines += [f"| {100 * r['factor']:.0f} % | {format_size(r['bytes'])} | {r['distortion']:.4e} |" for r in c["at_budgets"]]
         lines.append("")
     else:
-        lines += ["Not available for this run (" + next((n for n in data.notes if n.startswith("size-vs-distortion curve")), "no menu") + ").", ""]
-    ev = data.evaluation or {}
-    if "eval" in ev and "original" in ev["eval"]:
-        e = ev["eval"]
+        lines += ["Not available for this run (" + next((n for n in data.notes if n.startswith("size-vs-distortion curve")),
+                                                        "no menu") + ").", ""]
+    lines += _render_quality(s.evaluation, h)
+    return lines
+
+
+def _certificate_line(p: dict) -> str:
+    line = f"- certificate: lambda = {p['lam']:.4e}, total sensitivity-weighted distortion = {p['distortion']:.4e}"
+    if p.get("dual_bound") is not None:
+        gap = p.get("gap")
+        line += (f"; no plan of this menu within the budget can have a distortion below {p['dual_bound']:.4e} "
+                 f"(Lagrangian dual bound), so this plan is within **{100 * gap:.2f} %** of the best one"
+                 if gap is not None else f"; dual bound {p['dual_bound']:.4e}")
+    return line
+
+
+def _render_quality(ev: dict, h: str) -> list[str]:
+    lines: list[str] = []
+    e = ev.get("eval") or {}
+    if "original" in e:
         o, q = e["original"], e["quantized"]
-        lines += ["## Quality (PyTorch, dequantized weights)", "",
-                  f"Text: `{e['text']}`, {q['windows']} windows of {q['seq_len']} tokens, each from an empty cache.", "",
+        lines += [f"{h} Quality (PyTorch, the weights as stored)", "",
+                  f"Text: `{e.get('text', '-')}`, {q['windows']} windows of {q['seq_len']} tokens, each from an empty cache.", "",
                   "| model | perplexity | KL vs original (nats/token) | top-1 agreement |", "|---|---:|---:|---:|",
                   f"| original | {o['perplexity']:.3f} | 0 | 1 |",
                   f"| quantized | {q['perplexity']:.3f} | {q['kl']:.4f} | {q['top1_agreement']:.3f} |", ""]
-    elif "eval" in ev and "llama_cpp_perplexity" in ev["eval"]:
-        e = ev["eval"]
-        lines += ["## Quality", "", "| runtime | perplexity |", "|---|---:|",
+    elif "llama_cpp_perplexity" in e:
+        lines += [f"{h} Quality", "", "| runtime | perplexity |", "|---|---:|",
                   f"| llama.cpp | {e['llama_cpp_perplexity']:.3f} |", f"| PyTorch, same weights | {e['torch_perplexity']:.3f} |",
                   "", f"Relative difference {100 * e['relative_difference']:.3f} %.", ""]
+    elif "onnxruntime_perplexity" in e:
+        lines += [f"{h} Quality", "", "| runtime | perplexity |", "|---|---:|",
+                  f"| ONNX Runtime (default, int8 activations) | {e['onnxruntime_perplexity']:.3f} |",
+                  f"| ONNX Runtime (accuracy level 0, fp32 compute) | {e['onnxruntime_exact_perplexity']:.3f} |",
+                  f"| PyTorch, same weights | {e['torch_perplexity']:.3f} |",
+                  "", f"Relative difference at fp32 compute {100 * e['relative_difference']:.3f} %.", ""]
     if "bias_corrected" in ev:
         if ev.get("bias_corrected"):
             lines += [f"Bias correction applied to {len(ev['bias_corrected'])} layers with a bias.", ""]
         else:
             lines += ["Bias correction: the model's linear layers carry no bias, so the correction is kept as data "
                       "(sensitivities file, `input_mean`) and not applied.", ""]
+    return lines
+
+
+def render(data: ReportData, plots: dict[str, dict]) -> str:
+    """The Markdown report; images are referenced by file name (next to report.md)."""
+    from .analysis.analyze import render_markdown
+
+    lines = [f"# cvxq-export report: {data.model}", ""]
+    if data.artifacts:
+        lines += ["## Artifacts", "", "| format | file | size on disk | budget | fits |", "|---|---|---:|---:|---|"]
+        budgets = {s.format: s.plan["budget_bytes"] for s in data.sections if s.plan}
+        for a in data.artifacts:
+            budget = budgets.get(a["format"])
+            fits = "-" if not budget else ("yes" if a["file_bytes"] <= budget else "**no**")
+            lines.append(f"| {a['format']} | `{Path(a['path']).name}` | {format_size(a['file_bytes'])} ({a['file_bytes']:,} bytes) | "
+                         f"{format_size(budget) if budget else '-'} | {fits} |")
+        lines.append("")
+    single = len(data.sections) == 1
+    for s in data.sections:
+        if not single:
+            lines += [f"## {s.format}", ""]
+        lines += _render_section(s, data, plots, "##" if single else "###")
+    if data.device_budget:
+        lines += ["## Device profile", "", "| item | value |", "|---|---:|"]
+        lines += [f"| {k} | {format_size(v) if isinstance(v, int) and k != 'context' else v} |"
+                  for k, v in data.device_budget.items()]
+        lines.append("")
     lines += ["## Compressibility and load time", ""]
     if data.analysis:
         for fmt, result in data.analysis.items():
@@ -384,11 +396,9 @@ def render(data: ReportData, plots: dict[str, dict]) -> str:
                   f"`{Path(c['path']).name}`: {c['codec']} in {c['chunk_bytes'] >> 10} KiB chunks, {format_size(c['file_bytes'])} "
                   f"({100 * c['ratio']:.1f} % of {format_size(c['raw_bytes'])}), read back through the packed reader. "
                   + (c.get("reason") or ""), ""]
-    if data.formats_pending:
-        lines += [f"Formats requested but not yet implemented: {', '.join(data.formats_pending)}.", ""]
     if data.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in data.notes] + [""]
-    lines += ["## Timings", ""] + [f"- {k}: {v:.1f} s" if isinstance(v, float) else f"- {k}: {v}" for k, v in data.timings.items()]
+    lines += ["## Timings", ""] + [f"- {k}: {_timing(v)}" for k, v in data.timings.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -492,39 +502,51 @@ def markdown_to_html(md: str, images: dict[str, bytes], title: str) -> str:
 # =========================================================================== writing
 
 
-def write_report(out: Path, plan: Plan | None, loaded, sens, evaluation: dict, breakdown: dict | None,
-                 timings: dict, formats: list[str], *, artifacts: Sequence[Artifact] = (),
-                 analysis: dict[str, dict] | None = None, curve=None, compressed: dict | None = None,
-                 notes: Sequence[str] = (), extra: dict | None = None, model: str | None = None) -> Path:
+def write_report(out: Path, sections: Sequence[FormatSection], *, model: str, sens=None,
+                 device_budget: dict | None = None, timings: dict | None = None,
+                 analysis: dict[str, dict] | None = None, compressed: dict | None = None,
+                 extra_artifacts: Sequence[Artifact] = (), notes: Sequence[str] = ()) -> Path:
     """Write report.json, the PNG plots, report.md and report.html into ``out``; returns report.md's path.
 
-    ``breakdown`` is the device profile's budget breakdown (None with --budget);
-    ``artifacts`` the files written, ``analysis`` their analyses (format ->
-    AnalysisResult dict), ``curve`` an :class:`~cvxq_export.analysis.rd_curve.RDCurve`
-    (or its dict), ``compressed`` the container written (if any), ``extra``
-    format-specific results kept at the top level of report.json.
+    ``sections``: one per format written (or planned); ``device_budget`` the device
+    profile's budget breakdown (None with --budget); ``analysis`` the written files'
+    analyses (format -> AnalysisResult dict); ``compressed`` the container written (if
+    any), listed with ``extra_artifacts``.
     """
     out = Path(out)
-    arts = [a.to_dict() if isinstance(a, Artifact) else dict(a) for a in artifacts]
-    main = next((a for a in arts if a["format"] != "packed-compressed"), None)
     notes = list(notes)
-    name = model or (plan.model if plan else (loaded.source.display if loaded is not None and loaded.source else "model"))
+    arts = [s.artifact.to_dict() for s in sections if s.artifact is not None]
+    arts += [a.to_dict() if isinstance(a, Artifact) else dict(a) for a in extra_artifacts]
+    sdata = []
+    for s in sections:
+        file_bytes = s.artifact.file_bytes if s.artifact is not None else None
+        curve = s.curve.to_dict() if hasattr(s.curve, "to_dict") else s.curve
+        sdata.append(SectionData(
+            s.format, s.plan.summary() if s.plan else None, bits_table(s.plan) if s.plan else None, curve,
+            budget_breakdown(s.plan, device_budget, file_bytes) if s.plan or file_bytes else None,
+            dict(s.evaluation or {}), s.artifact.to_dict() if s.artifact is not None else None))
     data = ReportData(
-        model=name, plan=plan.summary() if plan else None, bits=bits_table(plan) if plan else None,
-        curve=curve.to_dict() if hasattr(curve, "to_dict") else curve,
-        breakdown=budget_breakdown(plan, breakdown, main["file_bytes"] if main else None) if plan or main else None,
-        device_budget=breakdown, artifacts=arts, analysis=dict(analysis or {}), compressed=compressed,
-        evaluation=evaluation or {}, timings=timings, formats_pending=list(formats),
-        calibration=dict(sens.settings.__dict__) if sens is not None else None, notes=notes, extra=dict(extra or {}))
+        model=model, sections=sdata, device_budget=device_budget, artifacts=arts, analysis=dict(analysis or {}),
+        compressed=compressed, timings=dict(timings or {}),
+        calibration=dict(sens.settings.__dict__) if sens is not None else None, notes=notes,
+        extra={s.format: s.info for s in sections if s.info})
 
     # ---- plots: the numbers behind each go to report.json["plots"][key]
     plots: dict[str, dict] = {}
-    if data.bits:
-        plots["bits_heatmap"] = {"file": None, **data.bits["heatmap"]}
-    if data.curve:
-        plots["size_distortion"] = {"file": None, **data.curve}
-    if data.breakdown:
-        plots["budget"] = {"file": None, **data.breakdown}
+    drawers = {}
+    for s in data.sections:
+        if s.bits:
+            key = _plot_key("bits_heatmap", s, data)
+            plots[key] = {"file": None, **s.bits["heatmap"]}
+            drawers[key] = (plot_bits_heatmap, s.bits["heatmap"])
+        if s.curve:
+            key = _plot_key("size_distortion", s, data)
+            plots[key] = {"file": None, **s.curve}
+            drawers[key] = (plot_size_distortion, s.curve)
+        if s.breakdown:
+            key = _plot_key("budget", s, data)
+            plots[key] = {"file": None, **s.breakdown}
+            drawers[key] = (plot_budget, s.breakdown)
     for fmt, result in data.analysis.items():
         plots[f"load_times_{fmt}"] = {"file": None, "artifact": result["path"], "file_bytes": result["file_bytes"],
                                       "devices": load_time_rows(result)}
@@ -536,23 +558,22 @@ def write_report(out: Path, plan: Plan | None, loaded, sens, evaluation: dict, b
     else:
         from .analysis.analyze import plot_load_times
 
-        drawers = {"bits_heatmap": lambda p: plot_bits_heatmap(data.bits["heatmap"], p),
-                   "size_distortion": lambda p: plot_size_distortion(data.curve, p),
-                   "budget": lambda p: plot_budget(data.breakdown, p)}
         for key in plots:
-            fname = PLOT_FILES.get(key, f"{key}.png")
+            base = key if key in PLOT_FILES else key.rsplit("_", 1)[0]
+            fname = PLOT_FILES[base].replace(".png", key[len(base):] + ".png") if base in PLOT_FILES else f"{key}.png"
             if key.startswith("load_times_"):
                 fmt = key[len("load_times_"):]
                 made = plot_load_times(data.analysis[fmt], out / fname) if data.analysis[fmt]["devices"] else None
             else:
-                made = drawers[key](out / fname)
+                draw, payload = drawers[key]
+                made = draw(payload, out / fname)
             if made is not None:
                 plots[key]["file"] = fname
                 images[fname] = (out / fname).read_bytes()
-    from .analysis.analyze import _jsonable
+    from .analysis.analyze import jsonable
 
-    write_json(out / "report.json", _jsonable(data.to_json(plots)))
+    write_json(out / "report.json", jsonable(data.to_json(plots)))
     md = render(data, plots)
     write_text(out / "report.md", md)
-    write_text(out / "report.html", markdown_to_html(md, images, f"cvxq-export report: {name}"))
+    write_text(out / "report.html", markdown_to_html(md, images, f"cvxq-export report: {model}"))
     return out / "report.md"

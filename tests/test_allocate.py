@@ -116,3 +116,30 @@ def test_large_menu_runs():
     a = allocate(menu, lo + (hi - lo) // 3)
     assert a.cost <= lo + (hi - lo) // 3
     assert a.cost >= lo + (hi - lo) // 3 - 64  # the greedy fill leaves less than one step unused
+
+
+def test_dual_bound_is_a_lower_bound_and_tight_enough():
+    """Weak duality on random small menus: bound <= the best plan (brute force) <= the allocator's plan."""
+    from cvxq_export.allocate import lagrangian_bound
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        menu = random_menu(rng, n_units=4, n_options=4)
+        lo, hi = cost_range(menu)
+        budget = int(rng.integers(lo, hi + 1))
+        alloc = allocate(menu, budget)
+        best = brute_force(menu, budget)
+        assert alloc.dual_bound <= best + 1e-9 <= alloc.distortion + 1e-9, trial
+        # any other multiplier gives a weaker (or equal) valid bound
+        for lam in (0.0, alloc.lam / 2, alloc.lam * 2 + 0.1):
+            assert lagrangian_bound(menu, budget, 0, lam) <= best + 1e-9
+
+
+def test_menu_cost_unit_is_explicit():
+    bits = Menu(np.array([[0, 16]], dtype=np.int64), np.array([[2.0, 0.0]]), unit="bits")
+    assert bits.from_bytes(3) == 24 and bits.to_bytes(17) == 3
+    assert allocate(bits, 16).choice.tolist() == [1]
+    with pytest.raises(ValueError, match="bits"):
+        allocate(bits, 16, unit="bytes")
+    with pytest.raises(ValueError, match="cost unit"):
+        Menu(np.array([[1]]), np.array([[0.0]]), unit="nibbles")

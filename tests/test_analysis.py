@@ -395,7 +395,7 @@ def _tiny_onnx(path):
 
 
 def test_onnx_directory_locates_initializers_and_codes(tmp_path):
-    from cvxq_export.formats.onnx_directory import initializer_codes, is_onnx, read_initializers
+    from cvxq_export.formats.onnx.directory import initializer_codes, is_onnx, read_initializers
 
     path = tmp_path / "m.onnx"
     arrays = _tiny_onnx(path)
@@ -453,7 +453,7 @@ def test_analyze_samples_large_files(tmp_path):
                      min_seconds=0.02)
     row = r.chunk_table[0]
     assert r.sampling["sampled"] and row["sampled"] and row["sample_bytes"] <= 512 * KiB
-    from cvxq_export.formats.packed_compressed import header_bytes
+    from cvxq_export.formats.packed.compressed import header_bytes
 
     assert row["compressed_bytes"] == pytest.approx(row["ratio"] * r.file_bytes + header_bytes(48), abs=1)
     assert 0.55 < row["ratio"] < 0.75 and any("sample" in n for n in r.notes)
@@ -466,7 +466,7 @@ def test_sampled_estimate_counts_the_metadata_head_once(tmp_path):
     import os
 
     from cvxq_export.analysis.analyze import analyze_file
-    from cvxq_export.formats.packed_compressed import write_container
+    from cvxq_export.formats.packed.compressed import write_container
 
     need("zstd-3")
     header = json.dumps({"__metadata__": {"pad": "x" * 600_000},

@@ -52,15 +52,15 @@ def test_foreign_output_dir_refused(capsys, tmp_path, tiny_llama_dir):
 def test_calibration_text_too_short(capsys, tmp_path, tiny_llama_dir):
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
-    code, _, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "--calibration", str(short),
+    code, _, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "--format", "packed", "--calibration", str(short),
                        "-o", str(tmp_path / "o"), *FAST)
     assert code == 2 and "fewer than one window" in err
 
 
 def test_infeasible_budget_states_range(capsys, tmp_path, tiny_llama_dir):
-    code, _, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "1kB", "-o", str(tmp_path / "o"), *FAST)
+    code, _, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "1kB", "--format", "packed", "-o", str(tmp_path / "o"), *FAST)
     assert code == 2 and "smallest achievable size" in err and "choose a budget between" in err
-    code, _, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "1GB", "-o", str(tmp_path / "o2"), *FAST)
+    code, _, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "1GB", "--format", "packed", "-o", str(tmp_path / "o2"), *FAST)
     assert code == 2 and "largest achievable size" in err
 
 
@@ -78,18 +78,19 @@ def test_fit_end_to_end_and_plan_reuse(capsys, tmp_path, tiny_llama_dir):
     from cvxq_export.textdata import read_text
 
     (tmp_path / "eval.txt").write_text(read_text(None)[0])
-    code, stdout, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "-o", str(out), "--eval-text", sample,
-                            "--eval-windows", "4", "--json", *FAST)
+    code, stdout, err = run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "--format", "packed", "-o", str(out),
+                            "--eval-text", sample, "--eval-windows", "4", "--json", *FAST)
     assert code == 0, err
     result = json.loads(stdout)
+    assert result["formats"]["packed"]["file"] == str(out / "model.cvxq.safetensors")
     plan = Plan.load(out / "plan.json")
     assert plan.total_bytes <= 60_000 and plan.budget_bytes == 60_000
     # the budget is used, up to the worst-case alignment allowance per tensor the allocator reserves
     from cvxq_export.native import tensor_padding_allowance
 
-    assert plan.total_bytes >= 60_000 - tensor_padding_allowance() * len(plan.tensors) - 200
+    assert plan.total_bytes >= 60_000 - tensor_padding_allowance() * len(plan.tensors) - 2_000  # + the file header
     assert (out / "report.md").is_file() and (out / "report.json").is_file()
-    q = result["eval"]["quantized"]
+    q = result["formats"]["packed"]["evaluation"]["eval"]["quantized"]
     assert q["kl"] >= 0 and np.isfinite(q["perplexity"])
     # a second run reuses the cached sensitivities and the saved plan
     code, stdout, err = run(capsys, "fit", str(tiny_llama_dir), "--plan", str(out / "plan.json"), "-o", str(out),
@@ -97,17 +98,25 @@ def test_fit_end_to_end_and_plan_reuse(capsys, tmp_path, tiny_llama_dir):
     assert code == 0, err
     again = json.loads(stdout)
     assert again["calibration_cached"] is True
-    assert again["summary"]["total_bytes"] == plan.total_bytes
+    assert again["formats"]["packed"]["plan"]["total_bytes"] == plan.total_bytes
+    # the menu was cached next to the sensitivities by the first run: a new budget re-plans without rebuilding it
+    code, stdout, err = run(capsys, "plan", str(tiny_llama_dir), "--budget", "70kB", "--format", "packed",
+                            "-o", str(tmp_path / "p70"), "--json", *FAST)
+    assert code == 0, err
+    assert json.loads(stdout)["formats"]["packed"]["menu_cached"] is True
 
 
 def test_budget_monotone_quality(capsys, tmp_path, tiny_llama_dir):
     """More bytes, less sensitivity-weighted distortion."""
     dists = []
     for kb in (40, 60, 90):
-        code, stdout, err = run(capsys, "plan", str(tiny_llama_dir), "--budget", f"{kb}kB", "-o", str(tmp_path / f"p{kb}"),
-                                "--json", *FAST)
+        code, stdout, err = run(capsys, "plan", str(tiny_llama_dir), "--budget", f"{kb}kB", "--format", "packed",
+                                "-o", str(tmp_path / f"p{kb}"), "--json", *FAST)
         assert code == 0, err
-        dists.append(json.loads(stdout)["summary"]["distortion"])
+        plan = json.loads(stdout)["formats"]["packed"]["plan"]
+        dists.append(plan["distortion"])
+        # the dual bound certifies the plan: no plan of the menu does better, and this one is close to it
+        assert plan["dual_bound"] <= plan["distortion"] and plan["gap"] < 0.05
     assert dists[0] > dists[1] > dists[2]
 
 
@@ -121,13 +130,14 @@ def test_devices_json(capsys):
 
 
 def test_fit_with_device_clamps_to_model(capsys, tmp_path, tiny_llama_dir):
-    code, stdout, err = run(capsys, "plan", str(tiny_llama_dir), "--device", "raspberry-pi-5-4gb", "-o", str(tmp_path / "d"),
-                            "--json", *FAST)
+    code, stdout, err = run(capsys, "plan", str(tiny_llama_dir), "--device", "raspberry-pi-5-4gb", "--format", "packed",
+                            "-o", str(tmp_path / "d"), "--json", *FAST)
     assert code == 0, err
     assert "exceeds the largest plan" in err
     assert json.loads(stdout)["device_budget"]["device"] == "raspberry-pi-5-4gb"
 
 
 def test_opt_fit(capsys, tmp_path, tiny_opt_dir):
-    code, stdout, err = run(capsys, "plan", str(tiny_opt_dir), "--budget", "60kB", "-o", str(tmp_path / "opt"), "--json", *FAST)
+    code, stdout, err = run(capsys, "plan", str(tiny_opt_dir), "--budget", "90kB", "--format", "packed",
+                            "-o", str(tmp_path / "opt"), "--json", *FAST)
     assert code == 0, err

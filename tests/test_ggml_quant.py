@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'cvxq-export[llama]'")
 pytest.importorskip("gguf", reason="gguf not installed")
 
-from cvxq_export.formats.ggml_quant import dequantize_rows, quantize_rows, row_bytes  # noqa: E402
+from cvxq_export.formats.gguf.ggml_quant import dequantize_rows, quantize_rows, row_bytes  # noqa: E402
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_bad_row_length():
 
 
 def test_newer_types_match_libggml_and_q2_0_search_beats_amax():
-    from cvxq_export.formats import ggml_quant
+    from cvxq_export.formats.gguf import ggml_quant
 
     for name, (_tid, block, size) in ggml_quant.NEWER_TYPES.items():
         assert ggml_quant.ggml_traits(name) == (block, size)
@@ -71,8 +71,8 @@ def _correlated_inputs(n: int, seed: int = 1) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["Q4_0", "IQ4_NL", "MXFP4", "Q3_K"])
 def test_error_feedback_lowers_output_error_and_stays_exact(name, weights):
-    from cvxq_export.formats.ggml_feedback import quantize_rows_feedback
-    from cvxq_export.formats.ggml_quant import dequantize_rows_ggml
+    from cvxq_export.formats.gguf.ggml_feedback import quantize_rows_feedback
+    from cvxq_export.formats.gguf.ggml_quant import dequantize_rows_ggml
 
     rng = np.random.default_rng(2)
     n = 512  # two 256-blocks for the K-quants: feedback needs a later block to push into
@@ -92,7 +92,7 @@ def test_error_feedback_lowers_output_error_and_stays_exact(name, weights):
 
 def test_error_feedback_with_uncorrelated_inputs_is_plain_rounding(weights):
     """With H = I nothing can be compensated: feedback must change nothing."""
-    from cvxq_export.formats.ggml_feedback import quantize_rows_feedback
+    from cvxq_export.formats.gguf.ggml_feedback import quantize_rows_feedback
 
     w, imp = weights
     raw, deq = quantize_rows_feedback("Q4_0", w, imp, np.eye(256))
@@ -109,8 +109,8 @@ def test_energy_order_keeps_row_layout_and_lowers_output_error(name):
     """Blocks fixed from the largest input energy down: the bytes still decode in row
     order to exactly the values returned, and the output error is no worse than left to
     right when a few blocks carry most of the input energy."""
-    from cvxq_export.formats.ggml_feedback import quantize_rows_feedback
-    from cvxq_export.formats.ggml_quant import dequantize_rows_ggml
+    from cvxq_export.formats.gguf.ggml_feedback import quantize_rows_feedback
+    from cvxq_export.formats.gguf.ggml_quant import dequantize_rows_ggml
 
     rng = np.random.default_rng(5)
     n = 1024

@@ -21,6 +21,17 @@ def eval_text(tmp_path_factory):
     return str(p)
 
 
+def export_gguf(loaded, sens, budget, out, *, eval_windows=None, bias_correction=False):
+    """Plan (no speed limit), write, read back and, with ``eval_windows``, check in llama.cpp;
+    the format's results and its evaluation in one dict."""
+    from cvxq_export.api import export_one
+    from cvxq_export.formats.base import FitOptions
+
+    w = export_one("gguf", loaded, sens, budget, out, eval_windows=eval_windows,
+                   options=FitOptions(progress=False, decode_speed=0, bias_correction=bias_correction))
+    return {**w.info, **w.evaluation}
+
+
 @pytest.mark.parametrize("budget_mb", [4.0, 5.5, 8.0])
 def test_gguf_export_budgets(capsys, tmp_path, tiny_gguf, eval_text, budget_mb):
     out = tmp_path / "g"
@@ -28,33 +39,33 @@ def test_gguf_export_budgets(capsys, tmp_path, tiny_gguf, eval_text, budget_mb):
                  "--eval-text", eval_text, "--eval-windows", "2", "--json", *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    info = json.loads(captured.out)["gguf"]
+    outcome = json.loads(captured.out)["formats"]["gguf"]
+    info = outcome["info"]
     size = os.path.getsize(out / "model.gguf")
     assert size == info["file_bytes"] <= budget_mb * 1e6
     assert info["readback_tensors_bit_exact"] == 15  # 7 linears x 2 layers + the tied embedding
-    assert info["eval"]["within_0.5_percent"], info["eval"]
+    assert outcome["evaluation"]["eval"]["within_0.5_percent"], outcome["evaluation"]
     assert not list(out.glob(".*.tmp"))
     # the planner's speed note reaches the report a person reads (and stderr), not only plan.json
-    assert "- plan: llama.cpp speed: modeled" in (out / "report.md").read_text()
-    assert "plan: llama.cpp speed: modeled" in captured.err
+    assert "- gguf plan: llama.cpp speed: modeled" in (out / "report.md").read_text()
+    assert "gguf plan: llama.cpp speed: modeled" in captured.err
 
 
 def test_llama_cpp_logits_match_pytorch(tmp_path, tiny_gguf, eval_text):
     import torch
-    from llama_cpp import Llama
+    from cvxq_export.formats.gguf.llama_eval import open_llama
 
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats.gguf_target import export_gguf
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
 
     loaded = load_model(str(tiny_gguf))
     sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
-    info = export_gguf(loaded, sens, 5_000_000, tmp_path, progress=False)
+    info = export_gguf(loaded, sens, 5_000_000, tmp_path)
     ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(info["path"], n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
@@ -66,10 +77,9 @@ def test_bias_correction_loads_in_llama_cpp(tmp_path, tiny_gguf, eval_text):
     with them, each corrected layer keeps its mean output, and the file stays in budget."""
     import gguf
     import torch
-    from llama_cpp import Llama
+    from cvxq_export.formats.gguf.llama_eval import open_llama
 
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats.gguf_target import export_gguf
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
     from cvxq_export.plan import Plan
@@ -80,7 +90,7 @@ def test_bias_correction_loads_in_llama_cpp(tmp_path, tiny_gguf, eval_text):
     sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
     windows = evaluation_windows(loaded.tokenizer, eval_text, 2, 64).ids
     budget = 4_000_000
-    info = export_gguf(loaded, sens, budget, tmp_path, progress=False, bias_correction=True, eval_windows=windows)
+    info = export_gguf(loaded, sens, budget, tmp_path, bias_correction=True, eval_windows=windows)
     plan = Plan.load(tmp_path / "plan.json")
     lossy = [t for t in plan.tensors if t.distortion > 0 and "embed" not in t.name]
     names = {t.name for t in gguf.GGUFReader(info["path"]).tensors}
@@ -94,7 +104,7 @@ def test_bias_correction_loads_in_llama_cpp(tmp_path, tiny_gguf, eval_text):
     ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(info["path"], n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
@@ -131,16 +141,15 @@ def test_gguf_from_hf_directory(tmp_path, tiny_llama_bpe_dir, eval_text):
     and logits that match PyTorch on the same dequantized weights."""
     import gguf
     import torch
-    from llama_cpp import Llama
+    from cvxq_export.formats.gguf.llama_eval import open_llama
 
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats.gguf_target import export_gguf
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
 
     loaded = load_model(str(tiny_llama_bpe_dir))
     sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
-    info = export_gguf(loaded, sens, 250_000, tmp_path, progress=False)
+    info = export_gguf(loaded, sens, 250_000, tmp_path)
     assert info["file_bytes"] <= 250_000
     assert any("tokenizes the test text exactly like Hugging Face" in n for n in info["notes"]), info["notes"]
     reader = gguf.GGUFReader(info["path"])
@@ -148,7 +157,7 @@ def test_gguf_from_hf_directory(tmp_path, tiny_llama_bpe_dir, eval_text):
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     text = "The river delta forms where a slow river meets a calm sea, 42 times."
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(info["path"], n_ctx=64, logits_all=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False) == ids
     with torch.no_grad():
         ref = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -164,11 +173,10 @@ def test_bias_correction_keeps_source_biases(tmp_path, tiny_llama_bpe_dir):
 
     import gguf
     import torch
-    from llama_cpp import Llama
+    from cvxq_export.formats.gguf.llama_eval import open_llama
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats.gguf_target import export_gguf
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
 
@@ -190,7 +198,7 @@ def test_bias_correction_keeps_source_biases(tmp_path, tiny_llama_bpe_dir):
         before[ref.name] = (loaded.weight_tensor(ref).detach().double().clone(),
                             None if getattr(module, "bias", None) is None else module.bias.detach().double().clone())
     sens = calibrate_cached(loaded, None, CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8)).sens
-    info = export_gguf(loaded, sens, 250_000, tmp_path / "out", progress=False, bias_correction=True)
+    info = export_gguf(loaded, sens, 250_000, tmp_path / "out", bias_correction=True)
     assert info["file_bytes"] <= 250_000
     names = {t.name for t in gguf.GGUFReader(info["path"]).tensors}
     for i in range(2):
@@ -208,7 +216,7 @@ def test_bias_correction_keeps_source_biases(tmp_path, tiny_llama_bpe_dir):
     ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref_logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=info["path"], n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(info["path"], n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - ref_logits).max() < 2e-2 * np.abs(ref_logits).max()
@@ -217,7 +225,7 @@ def test_bias_correction_keeps_source_biases(tmp_path, tiny_llama_bpe_dir):
 def test_gguf_hf_unsupported_tokenizer(tmp_path, tiny_llama_dir):
     """A WordLevel tokenizer has no llama.cpp equivalent: a clear error, no file."""
     from cvxq_export.errors import CvxqError
-    from cvxq_export.formats.gguf_target import fixed_bytes
+    from cvxq_export.formats.gguf.target import fixed_bytes
     from cvxq_export.model import load_model
 
     loaded = load_model(str(tiny_llama_dir))
@@ -231,14 +239,14 @@ def test_single_type_file_runs_in_llama_cpp(tmp_path, tiny_gguf, type_name):
     back bit-exact through llama.cpp's dequantizer, and llama.cpp's logits match
     PyTorch running the same dequantized weights."""
     import torch
-    from llama_cpp import Llama
+    from cvxq_export.formats.gguf.llama_eval import open_llama
 
-    from cvxq_export.formats.gguf_target import GGUFMenu, read_back_check, tensor_inputs, write_float_gguf
+    from cvxq_export.formats.gguf.target import read_back_check, tensor_inputs, write_float_gguf
     from cvxq_export.model import load_model
 
     loaded = load_model(str(tiny_gguf))
     result = write_float_gguf(loaded, tmp_path / "m.gguf", type_name=type_name, progress=False)
-    counts = read_back_check(result, GGUFMenu(tensor_inputs(loaded, None, loaded.weights), [], None))
+    counts = read_back_check(result, tensor_inputs(loaded, None, loaded.weights))
     assert counts["llama_cpp_dequantizer"] == len(loaded.weights)
     with torch.no_grad():
         for ref in loaded.weights:
@@ -246,7 +254,7 @@ def test_single_type_file_runs_in_llama_cpp(tmp_path, tiny_gguf, type_name):
     ids = loaded.tokenizer("The river delta forms where a slow river meets a calm sea.", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref_logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(model_path=str(result.path), n_ctx=64, logits_all=True, verbose=False)
+    llm = open_llama(result.path, n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)])
     assert np.abs(got - ref_logits).max() < 3e-2 * np.abs(ref_logits).max()
@@ -258,7 +266,7 @@ def test_error_feedback_lowers_layer_output_error(tmp_path, tiny_gguf):
     from cvxq_export.calibrate import CalibrationSettings
     import gguf
 
-    from cvxq_export.formats.gguf_target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
+    from cvxq_export.formats.gguf.target import build_menu, plan_gguf, read_back_check, tensor_inputs, write_gguf
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached, input_hessians
 
@@ -268,10 +276,10 @@ def test_error_feedback_lowers_layer_output_error(tmp_path, tiny_gguf):
     hessians = input_hessians(loaded, None, settings, progress=False)
     gmenu = build_menu(tensor_inputs(loaded, sens, loaded.weights), progress=False)
     plan, _ = plan_gguf(loaded, sens, 4_000_000, gmenu=gmenu, progress=False)
-    plain = write_gguf(loaded, plan, gmenu, tmp_path / "plain.gguf", progress=False)
-    fed = write_gguf(loaded, plan, gmenu, tmp_path / "fed.gguf", progress=False, hessians=hessians)
+    plain = write_gguf(loaded, plan, gmenu.inputs, tmp_path / "plain.gguf", progress=False)
+    fed = write_gguf(loaded, plan, gmenu.inputs, tmp_path / "fed.gguf", progress=False, hessians=hessians)
     assert abs(fed.size - plain.size) <= 32 and max(fed.size, plain.size) <= 4_000_000  # only the provenance string differs
-    assert read_back_check(fed, gmenu)["llama_cpp_dequantizer"] == 15
+    assert read_back_check(fed, gmenu.inputs)["llama_cpp_dequantizer"] == 15
     field = gguf.GGUFReader(str(fed.path)).fields["cvxq.error_feedback"]  # provenance says how it was made
     assert bytes(field.parts[field.data[0]]).decode() == "gptq-blockwise"
 
@@ -292,8 +300,8 @@ def test_speed_limit_keeps_the_modeled_llama_cpp_time(tiny_gguf):
     import re
 
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats import gguf_speed as gs
-    from cvxq_export.formats.gguf_target import build_menu, plan_gguf, size_range, tensor_inputs
+    from cvxq_export.formats.gguf import speed as gs
+    from cvxq_export.formats.gguf.target import build_menu, plan_gguf, size_range, tensor_inputs
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
 

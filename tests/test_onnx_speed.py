@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from cvxq_export.formats import onnx_speed as sp
-from cvxq_export.formats.onnx_qdq import OPTIONS, QdqOption, menu_layout, offered
+from cvxq_export.formats.onnx import speed as sp
+from cvxq_export.formats.onnx.qdq import OPTIONS, QdqOption, menu_layout, offered
 
 
 def test_table_covers_every_offered_option():
@@ -76,7 +76,7 @@ def test_head_has_its_own_cost_and_whole_plan_time(tiny_llama_dir):
     assert per_weight(emb) * 1000 == pytest.approx(sp.head_ns_per_weight(option))
     assert per_weight(lin) * 1000 == pytest.approx(sp.option_cost(option).ns_per_weight)
     # every embedding option has its own measured head figure (the head's N is the vocabulary)
-    from cvxq_export.formats.onnx_qdq import legal_options
+    from cvxq_export.formats.onnx.qdq import legal_options
 
     for jj in legal_options("embedding", emb.ref.cols, emb.ref.cols):
         assert OPTIONS[jj].name in sp._table()["head"], OPTIONS[jj].name
@@ -93,7 +93,7 @@ def test_head_has_its_own_cost_and_whole_plan_time(tiny_llama_dir):
 def test_plan_keeps_the_modeled_decode_time_under_the_limit(tiny_llama_dir, tmp_path):
     pytest.importorskip("onnx", reason="onnx not installed: pip install 'cvxq-export[onnx]'")
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats import onnx_target as ot
+    from cvxq_export.formats.onnx import target as ot
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import calibrate_cached
 
@@ -148,4 +148,4 @@ def test_cli_rejects_a_negative_decode_speed(capsys, tmp_path, tiny_llama_dir):
 
     code = main(["fit", str(tiny_llama_dir), "--format", "onnx", "--budget", "150kB", "--decode-speed", "-1",
                  "-o", str(tmp_path / "x"), "--windows", "2", "--seq-len", "64", "--n-pcs", "8", "-q"])
-    assert code == 2 and "--decode-speed -1.0 is negative" in capsys.readouterr().err
+    assert code == 2 and "--decode-speed -1.0 is not a ratio >= 0" in capsys.readouterr().err

@@ -13,8 +13,8 @@ pytest.importorskip("onnx", reason="onnx not installed: pip install 'cvxq-export
 pytest.importorskip("ml_dtypes", reason="ml_dtypes not installed: pip install 'cvxq-export[onnx]'")
 
 from cvxq_export.cli import main  # noqa: E402
-from cvxq_export.formats import onnx_target as ot  # noqa: E402
-from cvxq_export.formats.onnx_qdq import OPTION_INDEX, OPTIONS, QdqOption  # noqa: E402
+from cvxq_export.formats.onnx import target as ot  # noqa: E402
+from cvxq_export.formats.onnx.qdq import OPTION_INDEX, OPTIONS, QdqOption  # noqa: E402
 
 FAST = ["--windows", "2", "--seq-len", "64", "--n-pcs", "8", "-q"]
 COL_GROUP = 32  # the tiny model's 64/128-column matrices get 2/4 column groups: room for mixed depths
@@ -245,7 +245,8 @@ def test_cli_fit_onnx_generate_and_eval(capsys, tmp_path, tiny_llama_dir, eval_t
                  "--eval-text", eval_text, "--eval-windows", "2", "--no-analysis", "--json", *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    info = json.loads(captured.out)["onnx"]
+    made = json.loads(captured.out)["formats"]["onnx"]
+    info = {**made["info"], "verify": {**made["info"]["verify"], "eval": made["evaluation"]["eval"]}}
     _check_verified(info, 150_000)
     # the example script runs on its own (onnxruntime + tokenizers only)
     run = subprocess.run([sys.executable, str(out / "generate.py"), "the river", "--max-new-tokens", "5"],

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from cvxq_export.errors import CvxqError
-from cvxq_export.formats import packed
-from cvxq_export.formats.packed import read_packed, weight_checksum, write_packed
+from cvxq_export.formats.packed import container as packed
+from cvxq_export.formats.packed.container import read_packed, weight_checksum, write_packed
 
 FAST = ["--windows", "3", "--seq-len", "32", "--n-pcs", "8", "-q"]
 # name, rows, cols, row_group, col_group, transposed (GPT-2 Conv1D layout), bias
@@ -128,7 +128,7 @@ def test_roundtrip_bit_exact_every_depth_and_kind(synth):
 
 
 def test_bit_order_is_lsb_first_and_codes_straddle_bytes():
-    from cvxq_export.formats.packed import _unpack, pack_codes
+    from cvxq_export.formats.packed.container import _unpack, pack_codes
 
     # the spec's example: 3-bit codes 5, 2, 7 -> stream 101 010 111 -> 0xD5 0x01
     assert pack_codes(np.array([[5, 2, 7]], np.uint8), np.array([3])).tolist() == [0xD5, 0x01]
@@ -171,7 +171,7 @@ def test_layout_alignment_sizes_and_safetensors_compatible(synth):
 
 
 def test_reader_imports_no_torch(synth):
-    code = ("import sys; from cvxq_export.formats.packed import read_packed; "
+    code = ("import sys; from cvxq_export.formats.packed.container import read_packed; "
             f"pf = read_packed({str(synth.path)!r}); w = pf.weight('d_proj.weight'); pf.checksum('d_proj.weight'); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -525,7 +525,7 @@ def _rebind(qt, loaded):
 def _check_model_roundtrip(model_dir, budget, tmp_path, decoder=None):
     import torch
 
-    from cvxq_export.formats.packed import export_packed, load_packed_into_model, plan_packed
+    from cvxq_export.formats.packed.container import export_packed, load_packed_into_model, plan_packed
     from cvxq_export.model import load_model
     from cvxq_export.pipeline import quantize_plan
 
@@ -570,7 +570,7 @@ def test_tiny_opt_with_bias_correction(tiny_opt_dir, tmp_path):
 def test_file_fits_budget_from_smallest_to_largest(tiny_llama_dir, tmp_path):
     """The header reserve makes the file fit at every budget, the tightest included."""
     from cvxq_export.errors import InfeasibleBudget
-    from cvxq_export.formats.packed import export_packed, plan_packed
+    from cvxq_export.formats.packed.container import export_packed, plan_packed
     from cvxq_export.native import Geometry, build_menu
     from cvxq_export.pipeline import select_weights
 
@@ -589,7 +589,7 @@ def test_file_fits_budget_from_smallest_to_largest(tiny_llama_dir, tmp_path):
 
 
 def test_load_into_wrong_model_fails(tiny_llama_dir, tiny_opt_dir, tmp_path):
-    from cvxq_export.formats.packed import export_packed, load_packed_into_model, plan_packed
+    from cvxq_export.formats.packed.container import export_packed, load_packed_into_model, plan_packed
     from cvxq_export.model import load_model
 
     loaded, sens = _load_and_calibrate(tiny_llama_dir)
@@ -613,11 +613,12 @@ def test_cli_fit_format_packed_end_to_end(capsys, tmp_path, tiny_llama_dir):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "not implemented" not in captured.err
-    result = json.loads(captured.out)
+    result = json.loads(captured.out)["formats"]["packed"]
     path = out / packed.FILE_NAME
     assert path.stat().st_size <= 60_000
-    assert result["packed"]["verified"] is True and result["packed"]["file_bytes"] == path.stat().st_size
-    assert np.isfinite(result["eval"]["quantized"]["perplexity"]) and result["eval"]["quantized"]["kl"] >= 0
+    assert result["info"]["verified"] is True and result["file_bytes"] == path.stat().st_size
+    quantized = result["evaluation"]["eval"]["quantized"]
+    assert np.isfinite(quantized["perplexity"]) and quantized["kl"] >= 0
     for name in ("config.json", "tokenizer.json", "plan.json", "report.md", "report.json"):
         assert (out / name).is_file(), name
     with read_packed(path) as pf:
@@ -630,7 +631,7 @@ def test_cli_fit_format_packed_end_to_end(capsys, tmp_path, tiny_llama_dir):
                  "--json", *FAST])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert json.loads(captured.out)["packed"]["file_bytes"] == result["packed"]["file_bytes"]
+    assert json.loads(captured.out)["formats"]["packed"]["file_bytes"] == result["file_bytes"]
 
 
 def test_cli_plan_format_packed_only_plans(capsys, tmp_path, tiny_llama_dir):
@@ -641,7 +642,7 @@ def test_cli_plan_format_packed_only_plans(capsys, tmp_path, tiny_llama_dir):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert (out / "plan.json").is_file() and not (out / packed.FILE_NAME).exists()
-    assert json.loads(captured.out)["summary"]["format"] == "packed"
+    assert json.loads(captured.out)["formats"]["packed"]["plan"]["format"] == "packed"
 
 
 # --------------------------------------------------------------------------- compressed container (*.cvxqz)
@@ -649,7 +650,7 @@ def test_cli_plan_format_packed_only_plans(capsys, tmp_path, tiny_llama_dir):
 
 import struct  # noqa: E402
 
-from cvxq_export.formats import packed_compressed as pz  # noqa: E402
+from cvxq_export.formats.packed import compressed as pz  # noqa: E402
 
 
 def _need(module: str):
@@ -662,7 +663,7 @@ def test_compressed_roundtrip_bit_exact_through_read_packed(synth, tmp_path, cod
     if codec != "stored":
         _need("zstandard" if codec.startswith("zstd") else "lz4")
     dst = tmp_path / "synthetic.cvxq.safetensors.cvxqz"
-    info = pz.write_compressed_packed(synth.path, dst, codec=codec, chunk_size=1024)
+    info = packed.write_compressed_packed(synth.path, dst, codec=codec, chunk_size=1024)
     assert info["verified"] and info["raw_bytes"] == synth.path.stat().st_size
     assert dst.read_bytes()[:8] == pz.MAGIC and info["n_chunks"] == -(-info["raw_bytes"] // 1024)
     with read_packed(synth.path) as plain, read_packed(dst, lazy=lazy) as comp:
@@ -688,7 +689,7 @@ def test_compressed_seek_to_one_tensor_reads_only_its_chunks(synth, tmp_path):
     _need("zstandard")
     dst = tmp_path / "seek.cvxqz"
     chunk = 256
-    pz.write_compressed_packed(synth.path, dst, codec="zstd-3", chunk_size=chunk)
+    packed.write_compressed_packed(synth.path, dst, codec="zstd-3", chunk_size=chunk)
     name = "d_proj.weight"
     with read_packed(dst, lazy=True) as pf:
         c = pf.container
@@ -787,7 +788,7 @@ COMPRESSED_CASES = {
 def test_malformed_compressed_files_fail_clearly(synth, tmp_path, case, lazy):
     _need("zstandard")
     good = tmp_path / "good.cvxqz"
-    pz.write_compressed_packed(synth.path, good, codec="zstd-3", chunk_size=512)
+    packed.write_compressed_packed(synth.path, good, codec="zstd-3", chunk_size=512)
     make, expect = COMPRESSED_CASES[case]
     bad = tmp_path / "bad.cvxqz"
     bad.write_bytes(make(good))
@@ -815,17 +816,17 @@ def test_compressed_zstd_frame_claiming_more_than_its_chunk_is_refused(tmp_path)
 
 def test_compressed_writer_refuses_bad_input(synth, tmp_path):
     with pytest.raises(CvxqError, match="zstd or lz4"):
-        pz.write_compressed_packed(synth.path, tmp_path / "x.cvxqz", codec="brotli-5")
+        packed.write_compressed_packed(synth.path, tmp_path / "x.cvxqz", codec="brotli-5")
     with pytest.raises(CvxqError, match="chunk size"):
-        pz.write_compressed_packed(synth.path, tmp_path / "x.cvxqz", codec="stored", chunk_size=0)
+        packed.write_compressed_packed(synth.path, tmp_path / "x.cvxqz", codec="stored", chunk_size=0)
     not_packed = tmp_path / "blob.bin"
     not_packed.write_bytes(bytes(100))
     with pytest.raises(CvxqError):
-        pz.write_compressed_packed(not_packed, tmp_path / "y.cvxqz", codec="stored")
+        packed.write_compressed_packed(not_packed, tmp_path / "y.cvxqz", codec="stored")
     assert not (tmp_path / "x.cvxqz").exists() and not (tmp_path / "y.cvxqz").exists()
-    good = pz.write_compressed_packed(synth.path, tmp_path / "z.cvxqz", codec="stored")
+    good = packed.write_compressed_packed(synth.path, tmp_path / "z.cvxqz", codec="stored")
     with pytest.raises(CvxqError, match="already a compressed container"):
-        pz.write_compressed_packed(good["path"], tmp_path / "zz.cvxqz", codec="stored")
+        packed.write_compressed_packed(good["path"], tmp_path / "zz.cvxqz", codec="stored")
 
 
 def test_cli_analyze_write_compressed(capsys, synth, tmp_path):
@@ -879,7 +880,7 @@ def test_error_feedback_lowers_layer_output_error_and_stays_bit_exact(tiny_llama
     bit-exact (NumPy and C readers), and the layers' output error E||(W - Q) x||^2 on
     the calibration inputs goes down in total."""
     from cvxq_export.calibrate import CalibrationSettings
-    from cvxq_export.formats.packed import export_packed, plan_packed
+    from cvxq_export.formats.packed.container import export_packed, plan_packed
     from cvxq_export.pipeline import input_hessians, quantize_plan
 
     loaded, sens = _load_and_calibrate(tiny_llama_dir)

@@ -101,7 +101,7 @@ def _random_menu(n_units=300, seed=0):
     cost = (bits[None, :] * 64 + 32 * (bits[None, :] > 0)).repeat(n_units, 0).astype(np.int64)
     scale = rng.lognormal(0, 1.5, n_units)[:, None]
     dist = scale * 4.0 ** (-bits[None, :]) * (1 + 0.05 * rng.random((n_units, 9)))
-    return Menu(cost, dist)
+    return Menu(cost, dist, unit="bits")
 
 
 def test_rd_curve_is_the_allocators_frontier():
@@ -113,7 +113,7 @@ def test_rd_curve_is_the_allocators_frontier():
     lo, hi = int(menu.cost.min(1).sum()) + fixed, int(menu.cost.max(1).sum()) + fixed
     budget_bits = (lo + hi) // 2
     alloc = allocate(menu, budget_bits, fixed, unit="bits")
-    curve = rd_curve(menu, fixed, budget_bits // 8, chosen=alloc.choice)
+    curve = rd_curve(menu, fixed // 8, budget_bits // 8, chosen=alloc.choice)
     x, y = np.array(curve.bytes), np.array(curve.distortion)
     assert np.all(np.diff(x) >= 0) and np.all(np.diff(y) <= 1e-12)
     assert x[0] == pytest.approx(lo / 8, abs=1) and x[-1] == pytest.approx(hi / 8, abs=1)
@@ -122,7 +122,7 @@ def test_rd_curve_is_the_allocators_frontier():
     # about one step; between the plotted points the curve is interpolated, within a fraction of a percent
     fracs = (0.1, 0.3, 0.5, 0.8, 0.95)
     budgets = [int(lo + f * (hi - lo)) for f in fracs]
-    exact = rd_curve(menu, fixed, 1, budget_factors=[b / 8 for b in budgets])
+    exact = rd_curve(menu, fixed // 8, 1, budget_factors=[b / 8 for b in budgets])
     assert len(exact.at_budgets) == len(budgets)
     for b, point in zip(budgets, exact.at_budgets):
         a = allocate(menu, b, fixed, unit="bits")
@@ -168,17 +168,17 @@ def analysed_blob(tmp_path_factory):
 def test_write_report_html_is_self_contained_and_json_holds_the_plot_data(tmp_path, analysed_blob):
     pytest.importorskip("matplotlib")
     from cvxq_export.analysis.rd_curve import rd_curve
-    from cvxq_export.report import Artifact, bits_table, write_report
+    from cvxq_export.report import Artifact, FormatSection, bits_table, write_report
 
     plan = _plan()
     blob, result = analysed_blob
     device = {"device": "raspberry-pi-5-4gb", "ram": 4 << 30, "os_reserved": 600 << 20, "usable": (4 << 30) - (600 << 20),
               "kv_cache": 120 << 20, "runtime": 200 << 20, "context": 2048}
     device["weights"] = device["usable"] - device["kv_cache"] - device["runtime"]  # as devices.weight_budget computes it
-    curve = rd_curve(_random_menu(), 8 * 1000, 20_000)
-    md = write_report(tmp_path, plan, None, None, {}, device, {"total_s": 1.0}, [],
-                      artifacts=[Artifact("packed", str(blob), blob.stat().st_size)], analysis={"packed": result},
-                      curve=curve)
+    curve = rd_curve(_random_menu(), 1000, 20_000)
+    section = FormatSection("packed", plan, Artifact("packed", str(blob), blob.stat().st_size), curve=curve)
+    md = write_report(tmp_path, [section], model="tiny", device_budget=device, timings={"total_s": 1.0},
+                      analysis={"packed": result})
     assert md == tmp_path / "report.md"
     doc = check_self_contained_html(tmp_path / "report.html")
     imgs = [a for t, a in doc.tags if t == "img"]
@@ -228,7 +228,9 @@ def test_write_report_without_matplotlib_or_analysis_still_writes(tmp_path, monk
         return real_import(name, *args, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
-    write_report(tmp_path, _plan(), None, None, {}, None, {"total_s": 1.0}, [])
+    from cvxq_export.report import FormatSection
+
+    write_report(tmp_path, [FormatSection("packed", _plan())], model="tiny", timings={"total_s": 1.0})
     text = (tmp_path / "report.html").read_text()
     assert "<img" not in text and "matplotlib is not installed" in text
     data = json.loads((tmp_path / "report.json").read_text())
@@ -249,8 +251,8 @@ def _run(capsys, *argv):
 def test_fit_packed_runs_the_analysis_and_writes_the_container(capsys, tmp_path, tiny_llama_dir):
     pytest.importorskip("matplotlib")
     pytest.importorskip("zstandard")
-    from cvxq_export.formats.packed import FILE_NAME, read_packed
-    from cvxq_export.formats.packed_compressed import compressed_name
+    from cvxq_export.formats.packed.container import FILE_NAME, read_packed
+    from cvxq_export.formats.packed.compressed import compressed_name
 
     out = tmp_path / "fit"
     code, stdout, err = _run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "--format", "packed",
@@ -293,17 +295,17 @@ def test_fit_compress_auto_without_gain_writes_no_container(capsys, tmp_path, ti
     assert "compressed container: not written" in (out / "report.md").read_text()
 
 
-def test_fit_no_analysis_and_native_fit(capsys, tmp_path, tiny_llama_dir):
+def test_fit_no_analysis(capsys, tmp_path, tiny_llama_dir):
     pytest.importorskip("matplotlib")
-    out = tmp_path / "native"
-    code, stdout, err = _run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "--no-analysis", "-o", str(out),
-                             "--json", *FAST)
+    out = tmp_path / "packed"
+    code, stdout, err = _run(capsys, "fit", str(tiny_llama_dir), "--budget", "60kB", "--format", "packed", "--no-analysis",
+                             "-o", str(out), "--json", *FAST)
     assert code == 0, err
     data = json.loads((out / "report.json").read_text())
     assert data["analysis"] == {} and "analysis: skipped (--no-analysis)" in data["notes"]
-    assert data["plots"]["size_distortion"]["chosen_distortion"] is not None  # native fit keeps its menu
+    assert data["plots"]["size_distortion"]["chosen_distortion"] is not None  # the fit keeps its menu
     doc = check_self_contained_html(out / "report.html")
-    assert len([1 for t, _ in doc.tags if t == "img"]) == 3  # no artifact, so no load-time plot
+    assert len([1 for t, _ in doc.tags if t == "img"]) == 3  # no analysis, so no load-time plot
 
 
 @pytest.mark.parametrize("argv, expect", [
@@ -318,7 +320,7 @@ def test_fit_report_flags_fail_fast(capsys, tmp_path, tiny_llama_dir, argv, expe
 
 
 def test_container_choice_only_picks_container_codecs_with_a_gain():
-    from cvxq_export.report import container_choice
+    from cvxq_export.analysis.advice import container_choice
 
     def dev(name, compress, plain, options):
         return {"device": name, "compress": compress, "plain_s": plain, "options": options}
@@ -334,6 +336,6 @@ def test_container_choice_only_picks_container_codecs_with_a_gain():
     forced = container_choice({"devices": [dev("fast", False, 0.1, opts)]}, force_codec="lz4")
     assert forced["codec"] == "lz4" and forced["forced"]
     with pytest.raises(CvxqError):
-        from cvxq_export.formats.packed_compressed import parse_codec
+        from cvxq_export.formats.packed.compressed import parse_codec
 
         parse_codec("ans")

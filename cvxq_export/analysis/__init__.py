@@ -9,7 +9,7 @@ and by how much?":
 * :mod:`.latency` -- the load-time model per device profile and the recommendation
 * :mod:`.throttle` -- a throttled reader that checks the model against measurements
   on this machine, through the packed reader's chunked compressed container
-  (:mod:`cvxq_export.formats.packed_compressed`)
+  (:mod:`cvxq_export.formats.packed.compressed`)
 * :mod:`.rd_curve` -- the plan's size-vs-distortion curve, traced from the allocator's menu
 * :mod:`.analyze` -- ``analyze_file`` (whole file, per tensor for GGUF / safetensors),
   Markdown and a PNG chart

@@ -15,9 +15,9 @@
   on the subset, which removes most of the subset's bias. Decode throughput is
   timed on up to 1 MiB of the sample, for at least ``min_seconds`` per codec
   and chunk size;
-* for GGUF (via :func:`cvxq_export.formats.gguf_directory.read_directory`),
+* for GGUF (via :func:`cvxq_export.formats.gguf.directory.read_directory`),
   safetensors and ONNX files (initializers located by
-  :mod:`cvxq_export.formats.onnx_directory`), per tensor: its byte entropy
+  :mod:`cvxq_export.formats.onnx.directory`), per tensor: its byte entropy
   (exact), the entropy of its quantized codes for GGUF Q8_0 / Q4_0 / Q4_1,
   safetensors I8 / U8 and ONNX int2 / int4 / int8 (and unsigned) tensors,
   and the best of the fast codecs on a sample of it (at most
@@ -91,7 +91,7 @@ class AnalysisResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -101,15 +101,15 @@ class AnalysisResult:
         return min(self.codecs, key=lambda c: c["ratio"]) if self.codecs else None
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
@@ -123,7 +123,7 @@ def _detect(buf: np.ndarray) -> str:
         (n,) = struct.unpack("<Q", bytes(buf[:8]))
         if 2 <= n <= len(buf) - 8 and bytes(buf[8:9]) == b"{":
             return "safetensors"
-    from ..formats.onnx_directory import is_onnx
+    from ..formats.onnx.directory import is_onnx
 
     if is_onnx(buf):
         return "onnx"
@@ -163,7 +163,7 @@ def _gguf_type_name(type_id: int) -> str:
 
 
 def _gguf_tensors(path: str) -> list[tuple[str, str, int, int, tuple, int]]:
-    from ..formats.gguf_directory import read_directory
+    from ..formats.gguf.directory import read_directory
 
     out = []
     for name, e in read_directory(path).items():
@@ -397,7 +397,7 @@ def _analyze_tensors(path: Path, buf: np.ndarray, fmt: str, usable, budget: int,
     if fmt == "gguf":
         rows = _gguf_tensors(str(path))
     elif fmt == "onnx":
-        from ..formats.onnx_directory import read_initializers
+        from ..formats.onnx.directory import read_initializers
 
         inits = [i for i in read_initializers(buf) if i.nbytes]
         onnx_inits = {i.name: i for i in inits}
@@ -421,7 +421,7 @@ def _analyze_tensors(path: Path, buf: np.ndarray, fmt: str, usable, budget: int,
         if type_id is not None:
             codes = _gguf_codes(data, type_id, shape)
         elif name in onnx_inits:
-            from ..formats.onnx_directory import initializer_codes
+            from ..formats.onnx.directory import initializer_codes
 
             codes = initializer_codes(buf, onnx_inits[name])
         elif dtype in ("I8", "U8") and nbytes:

@@ -7,12 +7,6 @@ prints the returned dict); with ``-o DIR`` writes ``analysis.md``,
 ``--write-compressed [auto|CODEC]`` a packed file also gets its chunked
 compressed container (``FILE.cvxqz``), with ``auto`` only when the analysis
 predicts a faster load on some device.
-
-Wiring into ``cli.py`` (not done here)::
-
-    from .analysis.cli_analyze import add_analyze_parser, cmd_analyze
-    add_analyze_parser(sub)                    # in build_parser()
-    handlers["analyze"] = cmd_analyze          # in main()
 """
 from __future__ import annotations
 
@@ -74,17 +68,17 @@ def cmd_analyze(args) -> dict:
         codecs = list(dict.fromkeys(args.codec))
     write_compressed = getattr(args, "write_compressed", None)
     if write_compressed and write_compressed != "auto":
-        from ..formats.packed_compressed import parse_codec
+        from ..formats.packed.compressed import parse_codec
 
         parse_codec(write_compressed)
     if write_compressed:
-        from ..formats.packed import read_packed
+        from ..formats.packed.container import read_packed
 
         with read_packed(artifact, lazy=True):  # header checks only: is this a packed file at all?
             pass
     out = None
     if args.output:
-        from ..cli import check_output_dir
+        from ..checks import check_output_dir
 
         out = check_output_dir(args.output, args.force)
     _log(args, f"analysing {artifact} ...")
@@ -119,8 +113,9 @@ def cmd_analyze(args) -> dict:
 
 def _write_compressed(args, artifact: Path, data: dict, codec: str, out: Path | None) -> dict | None:
     """The container for a packed file, when the analysis finds a gain (or the codec is forced)."""
-    from ..formats.packed_compressed import DEFAULT_CHUNK_BYTES, compressed_name, write_compressed_packed
-    from ..report import container_choice
+    from ..formats.packed.compressed import DEFAULT_CHUNK_BYTES, compressed_name
+    from ..formats.packed.container import write_compressed_packed
+    from .advice import container_choice
 
     choice = container_choice(data, force_codec=None if codec == "auto" else codec)
     if codec == "auto" and choice is None:

@@ -41,20 +41,21 @@ class RDCurve:
         return float(np.interp(nbytes, self.bytes, self.distortion))
 
 
-def rd_curve(menu, fixed_cost: int, budget_bytes: int, *, cost_bits: bool = True, chosen: np.ndarray | None = None,
+def rd_curve(menu, fixed_bytes: int, budget_bytes: int, *, chosen: np.ndarray | None = None,
              n_points: int = 200, budget_factors=DEFAULT_BUDGET_FACTORS) -> RDCurve:
-    """Trace the hull of ``menu`` (an :class:`~cvxq_export.allocate.Menu`).
+    """Trace the hull of ``menu`` (an :class:`~cvxq_export.allocate.Menu`, costs in ``menu.unit``).
 
-    ``fixed_cost`` is in the menu's unit (bits when ``cost_bits``); sizes are
-    reported in bytes. ``chosen`` ([n_units] option index) marks the plan.
-    The curve keeps ``n_points`` points spread evenly over its size range.
+    Sizes, ``fixed_bytes`` included, are reported in bytes. ``chosen`` ([n_units]
+    option index) marks the plan. The curve keeps ``n_points`` points spread evenly
+    over its size range.
     """
-    from ..allocate import _exact_sum, _hull
+    from ..allocate import UNIT_BITS, exact_sum, hull_of
 
-    hull = _hull(menu)
+    fixed_cost = menu.from_bytes(fixed_bytes)
+    hull = hull_of(menu)
     rows = np.arange(menu.n_units)
     first = hull.option[rows, 0].astype(np.intp)  # [n_units] each unit's cheapest hull point
-    cost0 = fixed_cost + _exact_sum(menu.cost[rows, first])
+    cost0 = fixed_cost + exact_sum(menu.cost[rows, first])
     dist0 = float(menu.distortion[rows, first].sum())
     real = hull.slope > 0  # [n_units, H-1] steps that lower distortion (padding steps have slope -inf)
     slope = hull.slope[real]
@@ -62,7 +63,7 @@ def rd_curve(menu, fixed_cost: int, budget_bytes: int, *, cost_bits: bool = True
     order = np.argsort(-slope, kind="stable")  # row-major order keeps each unit's chain order on ties
     cum_cost = np.concatenate([[0.0], np.cumsum(step_cost[order])])
     cum_gain = np.concatenate([[0.0], np.cumsum((slope * step_cost)[order])])
-    unit = 8.0 if cost_bits else 1.0
+    unit = 8.0 / UNIT_BITS[menu.unit]  # costs per byte
     x = (cost0 + cum_cost) / unit  # bytes
     y = dist0 - cum_gain
     y = np.maximum(y, 0.0)  # rounding in the running sum must not go below zero
@@ -71,7 +72,7 @@ def rd_curve(menu, fixed_cost: int, budget_bytes: int, *, cost_bits: bool = True
     chosen_bytes = chosen_dist = None
     if chosen is not None:
         chosen = np.asarray(chosen, dtype=np.intp)
-        chosen_bytes = int(np.ceil((fixed_cost + _exact_sum(menu.cost[rows, chosen])) / unit))
+        chosen_bytes = int(np.ceil((fixed_cost + exact_sum(menu.cost[rows, chosen])) / unit))
         chosen_dist = float(menu.distortion[rows, chosen].sum())
     at = []
     for f in budget_factors:
@@ -107,5 +108,4 @@ def native_choice(plan, native_menu) -> np.ndarray:
 
 def native_rd_curve(plan, native_menu, **kw) -> RDCurve:
     """:func:`rd_curve` of a native / packed plan and the menu it was allocated from."""
-    return rd_curve(native_menu.menu, 8 * plan.fixed_bytes, plan.budget_bytes, cost_bits=True,
-                    chosen=native_choice(plan, native_menu), **kw)
+    return rd_curve(native_menu.menu, plan.fixed_bytes, plan.budget_bytes, chosen=native_choice(plan, native_menu), **kw)

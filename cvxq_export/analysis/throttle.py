@@ -1,7 +1,7 @@
 """Check the load-latency model on this machine with a throttled reader.
 
 A file is written as the chunked compressed container that the packed reader
-reads (:mod:`cvxq_export.formats.packed_compressed`, ``*.cvxqz``: a header, an
+reads (:mod:`cvxq_export.formats.packed.compressed`, ``*.cvxqz``: a header, an
 index of every chunk's offset, sizes and CRC-32, then the chunks), then read
 back through :class:`ThrottledFile`, which sleeps so that no read -- and no
 stretch of reads -- goes faster than a given speed, while a second thread
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
-from ..formats.packed_compressed import MAGIC, ChunkedContainer, ChunkEntry, header_bytes, write_container
+from ..formats.packed.compressed import MAGIC, ChunkedContainer, ChunkEntry, header_bytes, write_container
 from .codecs import time_decode
 from .latency import load_times, plain_read_seconds
 
@@ -42,7 +42,7 @@ def write_chunked(data, path: str | Path, codec: str = "zstd-3", chunk_size: int
         return list(c.chunks)
 
 
-def ChunkedReader(f: BinaryIO, *, verify: bool = True) -> ChunkedContainer:  # noqa: N802 - kept as the old class name
+def ChunkedReader(f: BinaryIO, *, verify: bool = True) -> ChunkedContainer:  # noqa: N802 - reads like the class it returns
     """Random access to a container through any seekable binary file object."""
     return ChunkedContainer(f, getattr(f, "name", "<stream>"), verify=verify)
 
