@@ -217,7 +217,7 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
         return h
 
     ctx = FitContext(loaded, outcome.sens, options, sens_key=outcome.path.stem, eval_windows=windows,
-                     hessian_source=hessian_source, log=log)
+                     eval_text=eval_text, hessian_source=hessian_source, log=log)
     # Each format leaves the model holding its file's weights; the next one starts from the original.
     original = _snapshot(loaded) if write and len(fmts) > 1 else None
     if windows is not None and any(n == "packed" for n in fmts):
@@ -337,7 +337,7 @@ def _one_format(ctx: FitContext, fmt, budget: int, out_dir: Path, reused, write:
     evaluation = dict(written.evaluation)
     if ctx.eval_windows is not None:
         t = time.perf_counter()
-        evaluation["eval"] = fmt.evaluate(ctx, written)
+        evaluation["eval"] = {"text": ctx.eval_text, **fmt.evaluate(ctx, written)}
         timings["evaluate_s"] = time.perf_counter() - t
     curve = fmt.curve(ctx, plan, menu) if menu is not None else None
     outcome.file, outcome.file_bytes, outcome.info, outcome.evaluation = (str(written.path), written.file_bytes,

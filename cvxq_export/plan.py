@@ -66,6 +66,8 @@ class Plan:
     # weak-duality lower bound on the distortion of any plan of the same menu within the budget
     # (allocate.lagrangian_bound); None for plans made before it was recorded
     dual_bound: float | None = None
+    # what the bound covers: the planner's extra constraints (a speed limit, split rules) are not in it
+    bound_scope: str = "under the byte budget"
 
     @property
     def gap(self) -> float | None:

@@ -324,7 +324,8 @@ def _certificate_line(p: dict) -> str:
     line = f"- certificate: lambda = {p['lam']:.4e}, total sensitivity-weighted distortion = {p['distortion']:.4e}"
     if p.get("dual_bound") is not None:
         gap = p.get("gap")
-        line += (f"; no plan of this menu within the budget can have a distortion below {p['dual_bound']:.4e} "
+        scope = p.get("bound_scope") or "under the byte budget"
+        line += (f"; no plan of this menu {scope} can have a distortion below {p['dual_bound']:.4e} "
                  f"(Lagrangian dual bound), so this plan is within **{100 * gap:.2f} %** of the best one"
                  if gap is not None else f"; dual bound {p['dual_bound']:.4e}")
     return line

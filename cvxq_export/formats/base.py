@@ -54,6 +54,7 @@ class FitContext:
     options: FitOptions
     sens_key: str = ""  # identifies the sensitivities (their cache key): menus are cached under it
     eval_windows: "np.ndarray | None" = None  # [n, seq_len] token ids, or None for no evaluation
+    eval_text: str | None = None  # where the evaluation windows came from (for the report)
     hessian_source: Callable[[], dict] | None = None  # collects E[x x^T] per weight (error feedback)
     log: Callable[[str], None] = lambda msg: None
     reference: Any = None  # the original model (torch), kept when evaluating formats that report KL against it

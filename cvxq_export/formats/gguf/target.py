@@ -311,7 +311,9 @@ def plan_gguf(loaded: LoadedModel, sens, budget: int, *, progress: bool = True,
     plan = Plan("gguf", budget, alloc.cost, fixed, alloc.lam, distortion, alloc.min_cost, alloc.max_cost,
                 loaded.source.display, sens.model_fingerprint, tensors, "all", notes,
                 # the bytes-only problem's bound also bounds the speed-limited one (a limit only adds a constraint)
-                dual_bound=min(distortion, unlimited.dual_bound))
+                dual_bound=min(distortion, unlimited.dual_bound),
+                bound_scope="under the byte budget alone (the speed limit is not in the bound)" if speed
+                else "under the byte budget")
     return plan, gmenu
 
 

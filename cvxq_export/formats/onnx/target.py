@@ -425,7 +425,8 @@ def plan_onnx(loaded: LoadedModel, sens, budget: int, *, col_group: int = DEFAUL
     bound = allocate(qmenu.menu, room, 0).dual_bound if room >= cost_range(qmenu.menu)[0] else None
     plan = Plan("onnx", budget, total, fixed, lam, distortion, min_bytes, max_bytes, loaded.source.display,
                 sens.model_fingerprint, tensors, "all", notes,
-                dual_bound=None if bound is None else min(distortion, bound))
+                dual_bound=None if bound is None else min(distortion, bound),
+                bound_scope="under the byte budget alone (the split rule and any speed limit are not in the bound)")
     if total > budget:
         raise AssertionError(f"onnx plan uses {total} bytes > budget {budget}")
     return plan, qmenu
