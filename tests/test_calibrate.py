@@ -125,3 +125,93 @@ def test_cache_key_follows_the_text_not_the_path_spelling():
     assert sensitivities_key("model", rel, "some text") != sensitivities_key("model", CalibrationSettings(
         calibration=rel.calibration, n_windows=32), "some text")
     assert sensitivities_key("model", rel, "some text") != sensitivities_key("other model", rel, "some text")
+
+
+def _reference_grad_sq(loaded, windows, settings):
+    """The estimator computed the direct way: full ``[T, V]`` logits projected
+    on the output directions, autograd for every weight, float64 squares, and
+    the same random signs as calibrate() (same generator, same order)."""
+    from cvxq_export.calibrate import _floor_unseen_rows
+
+    model = loaded.model
+    directions, _ = output_directions(loaded, windows[: settings.pca_windows], settings.n_pcs)  # [V, k]
+    params = {r.name: model.get_parameter(r.name) for r in loaded.weights}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in params.values():
+        p.requires_grad_(True)
+    acc = {name: 0.0 for name in params}
+    gen = torch.Generator().manual_seed(settings.seed)
+    try:
+        for row in windows:
+            projected = model(input_ids=torch.as_tensor(row)[None]).logits[0].float() @ directions  # [T, k]
+            signs = (torch.randint(0, 2, projected.shape, generator=gen) * 2 - 1).to(projected)
+            for p in params.values():
+                p.grad = None
+            (projected * signs).sum().backward()
+            for ref in loaded.weights:
+                g = params[ref.name].grad.double()
+                acc[ref.name] = acc[ref.name] + g * g
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+    out = {}
+    for ref in loaded.weights:
+        mean = (acc[ref.name] / len(windows)).numpy()
+        rows = -(-ref.rows // settings.row_group) * settings.row_group
+        padded = np.full((rows, ref.cols), np.nan)
+        padded[: ref.rows] = mean
+        grouped = np.nanmean(padded.reshape(-1, settings.row_group, ref.cols), axis=1).astype(np.float32)
+        out[ref.name] = _floor_unseen_rows(grouped) if ref.kind == "embedding" else grouped
+    return out
+
+
+def _assert_matches_reference(loaded, settings, n_windows=3):
+    windows = _windows(loaded, n_windows, settings.seq_len)
+    sens = calibrate(loaded, windows, settings, progress=False)
+    ref = _reference_grad_sq(loaded, windows, settings)
+    for name, expected in ref.items():
+        np.testing.assert_allclose(sens[name].grad_sq, expected, rtol=2e-3, atol=1e-6 * expected.max(), err_msg=name)
+
+
+def _untied_llama(llama):
+    """The tiny Llama with a separate output head (its own WeightRef, role "head")."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cvxq_export.model import LoadedModel, find_weights
+
+    torch.manual_seed(2)
+    config = LlamaConfig(**{**llama.config.to_dict(), "tie_word_embeddings": False})
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, llama.tokenizer, llama.source, "llama", find_weights(model))
+
+
+def test_projected_head_gives_the_direct_estimate(llama):
+    """Backpropagating through the projected head (no [T, V] logits) gives the
+    same statistic, sign for sign, as the full logits projected afterwards,
+    for a tied embedding and for a separate head."""
+    settings = CalibrationSettings(n_windows=3, seq_len=16, n_pcs=8, pca_windows=3, row_group=32)
+    untied = _untied_llama(llama)
+    assert any(r.role == "head" for r in untied.weights)
+    for loaded in (llama, untied):
+        _assert_matches_reference(loaded, settings)
+
+
+def test_rescaled_logits_use_the_full_head(llama):
+    """A model that changes the logits after the head (Granite divides them by
+    logits_scaling) is calibrated through its real logits, and still matches."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from cvxq_export.calibrate import _plain_head
+    from cvxq_export.model import LoadedModel, find_weights
+
+    torch.manual_seed(3)
+    config = GraniteConfig(vocab_size=llama.config.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=True, logits_scaling=4.0)
+    model = GraniteForCausalLM(config).eval()
+    granite = LoadedModel(model, llama.tokenizer, llama.source, "granite", find_weights(model))
+    row = _windows(granite, 1)[0]
+    assert _plain_head(llama, row, "cpu")
+    assert not _plain_head(granite, row, "cpu")
+    _assert_matches_reference(granite, CalibrationSettings(n_windows=3, seq_len=16, n_pcs=8, pca_windows=3))
