@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .checks import check_output_dir, check_positive, check_text
+from .checks import check_output_dir, check_positive, check_ratio, check_seed, check_text
 from .errors import CvxqError, InfeasibleBudget
 from .formats.base import FitContext, FitOptions, FormatMenu, Written
 from .formats.registry import get_format, parse_formats
@@ -58,7 +58,7 @@ class FitResult:
     output: str
     formats: dict[str, FormatOutcome]
     budget_bytes: int
-    device_budget: dict | None
+    device_budgets: dict[str, dict] | None  # format -> the device's memory split (with --device)
     sensitivities: str
     calibration_cached: bool
     timings: dict
@@ -76,7 +76,7 @@ class FitResult:
 
 
 def resolve_budget(budget: int | str | None, device: str | None, loaded=None,
-                   context: int | None = None) -> tuple[int, dict | None]:
+                   context: int | None = None, kv_dtype: str | None = None) -> tuple[int, dict | None]:
     """Bytes for the model file, and the device breakdown when it came from a profile.
     Without ``loaded`` a device only validates (the budget needs the model's shape): -1."""
     from .devices import load_device, model_shape_from_config, weight_budget
@@ -90,7 +90,7 @@ def resolve_budget(budget: int | str | None, device: str | None, loaded=None,
         profile = load_device(device)
         if loaded is None:
             return -1, None
-        bd = weight_budget(profile, model_shape_from_config(loaded.config), context)
+        bd = weight_budget(profile, model_shape_from_config(loaded.config), context, kv_dtype)
         return bd.weights, bd.to_dict()
     raise CvxqError("no budget given", "pass --budget SIZE (e.g. 90MB) or --device NAME (see `cvxq-export devices`)")
 
@@ -140,6 +140,7 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
         calibration: str | None = None, settings=None, eval_text: str | None = None, eval_windows: int = 20,
         context: int | None = None, plan: str | Path | None = None, write: bool = True, analysis: bool = True,
         compress: str = "none", force: bool = False, torch_device: str | None = None, use_cache: bool = True,
+        dtype: str = "auto", offload_dir: str | None = None,
         log: Callable[[str], None] = _stderr) -> FitResult:
     """Fit ``model`` (an HF directory, a .gguf file, a cached hub id, or None for the default
     model) into ``budget`` bytes (or a ``device`` profile's budget) and write each of
@@ -156,35 +157,41 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
         names = [reused.format]
     else:
         resolve_budget(budget, device)  # validates the size text or the device profile; raises with neither
-    names = names or default_formats(device)
+    if not names:
+        names = default_formats(device)
+        log(f"format: {names[0]} ({f'the default of device {device}' if device else 'the default with --budget'}; "
+            f"--format gguf,onnx,packed chooses)")
     check_text(calibration, "calibration")
     check_text(eval_text, "eval-text")
     check_positive(windows=settings.n_windows, seq_len=settings.seq_len, n_pcs=settings.n_pcs, eval_windows=eval_windows,
-                   max_row_group=options.max_row_group)
-    if options.decode_speed is not None and not options.decode_speed >= 0:
-        raise CvxqError(f"--decode-speed {options.decode_speed} is not a ratio >= 0",
-                        "pass a ratio such as 0.9, or 0 for no limit")
+                   max_row_group=options.max_row_group, context=context, probes=settings.probes,
+                   pca_windows=settings.pca_windows)
+    check_seed(settings.seed)
+    check_ratio("decode-speed", options.decode_speed, hint="pass a ratio such as 0.9, or 0 for no limit")
     check_compress(compress, names, analysis)
     fmts = {n: get_format(n) for n in names}
     out = check_output_dir(output, force)
     dirs = {n: (out if len(names) == 1 else out / n) for n in names}
     timings: dict[str, Any] = {}
 
+    check_architecture(model, names)
+
     # ---- load, then every format's reachable sizes from the shapes alone
     t = time.perf_counter()
-    loaded, tdev = _load(model, torch_device, log)
+    loaded, tdev = load(model, torch_device, dtype=dtype, offload_dir=offload_dir, log=log)
     timings["load_s"] = time.perf_counter() - t
     for fmt in fmts.values():
         fmt.check_supported(loaded, options)
     budgets: dict[str, int] = {}
-    breakdown = None
+    breakdowns: dict[str, dict] = {}  # per format: its runtime's KV cache differs
     if reused is not None:
         budgets[reused.format] = reused.budget_bytes
     else:
-        budget_bytes, breakdown = resolve_budget(budget, device, loaded, context)
         for n, fmt in fmts.items():
+            b, breakdown = resolve_budget(budget, device, loaded, context, fmt.kv_cache_dtype)
+            if breakdown is not None:
+                breakdowns[n] = breakdown
             lo, hi = fmt.size_range(loaded, options)
-            b = budget_bytes
             if breakdown is not None and b > hi:  # a device with room to spare: the largest file fits
                 from .sizes import format_size
 
@@ -219,22 +226,26 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
     ctx = FitContext(loaded, outcome.sens, options, sens_key=outcome.path.stem, eval_windows=windows,
                      eval_text=eval_text, hessian_source=hessian_source, log=log)
     # Each format leaves the model holding its file's weights; the next one starts from the original.
-    original = _snapshot(loaded) if write and len(fmts) > 1 else None
+    original = _snapshot(loaded, out) if write and len(fmts) > 1 else None
     if windows is not None and any(n == "packed" for n in fmts):
         ctx.reference = copy.deepcopy(loaded.model)  # packed reports KL against the original model
 
     results: dict[str, FormatOutcome] = {}
     sections = []
     notes: list[str] = []
-    for i, (n, fmt) in enumerate(fmts.items()):
-        if i and original is not None:
-            _restore(loaded, original)
-        outcome_n, section = _one_format(ctx, fmt, budgets[n], dirs[n], reused, write, outcome.path.parent, log)
-        results[n] = outcome_n
-        sections.append(section)
-        notes += [f"{n} plan: {x}" for x in section.plan.notes]
-        timings[n] = outcome_n.timings
-    result = FitResult(str(out), results, budgets[names[0]], breakdown, str(outcome.path), outcome.cached, timings,
+    try:
+        for i, (n, fmt) in enumerate(fmts.items()):
+            if i and original is not None:
+                _restore(loaded, original)
+            outcome_n, section = _one_format(ctx, fmt, budgets[n], dirs[n], reused, write, outcome.path.parent, log)
+            results[n] = outcome_n
+            sections.append(section)
+            notes += [f"{n} plan: {x}" for x in section.plan.notes]
+            timings[n] = outcome_n.timings
+    finally:
+        if original is not None:
+            original.close()
+    result = FitResult(str(out), results, budgets[names[0]], breakdowns or None, str(outcome.path), outcome.cached, timings,
                        notes=notes)
     if write:
         _finish(result, sections, loaded, outcome.sens, out, compress, analysis, options, log)
@@ -242,38 +253,98 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
     return result
 
 
+def check_architecture(model, formats: list[str]):
+    """Read the source's header (no weights) and refuse an architecture no requested
+    format writes; returns the header."""
+    from .architectures import check_source, read_header
+    from .model import resolve_source
+
+    source = resolve_source(model)
+    header = read_header(source)
+    check_source(header, formats, source.display)
+    if "gguf" in formats and header.kind != "gguf" and header.architecture is not None:
+        # the hyperparameters llama.cpp would misread are visible in config.json alone
+        from transformers import AutoConfig
+
+        from .formats.gguf.hparams import hyperparameters
+
+        config = AutoConfig.from_pretrained(source.path, local_files_only=True)
+        hyperparameters(config, header.architecture, source.display)
+    return header
+
+
 def _infeasible_for(name: str, budget: int, lo: int, hi: int) -> CvxqError:
     err = InfeasibleBudget(budget, lo, hi)
     return CvxqError(f"{name}: {err.problem}", err.fix)
 
 
-def _load(model, torch_device, log):
+def load(model, torch_device: str | None = None, *, dtype: str = "auto", offload_dir: str | None = None,
+         log: Callable[[str], None] = _stderr):
+    """(LoadedModel, torch device). ``dtype`` "auto" calibrates in float32 when that fits
+    this machine's memory, else bfloat16; ``offload_dir`` spreads a model larger than
+    memory over the devices, the CPU and that directory (accelerate's big-model loading)."""
     from .model import load_model
 
     if torch_device is None:
         import torch
 
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .distributed import init_from_environment
+
+    init_from_environment(torch_device)
     log(f"loading {model or 'default model (SmolLM2-135M-Instruct)'} ...")
-    return load_model(model, device=torch_device), torch_device
+    if offload_dir:
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        return load_model(model, device=torch_device, dtype=dtype, device_map="auto",
+                          offload_folder=str(offload_dir)), torch_device
+    return load_model(model, device=torch_device, dtype=dtype), torch_device
 
 
-def _snapshot(loaded) -> dict:
-    """Every parameter and the set of modules that have a bias (a GGUF export may add biases)."""
-    return {"params": {k: v.detach().clone() for k, v in loaded.model.state_dict().items()},
-            "biasless": {name for name, m in loaded.model.named_modules()
-                         if hasattr(m, "bias") and getattr(m, "bias", None) is None}}
+@dataclass
+class WeightSnapshot:
+    """The model's parameters before a format wrote its weights into them, kept on disk
+    one file per tensor (written and read back one tensor at a time), so that fitting
+    several formats never holds a second copy of the weights in memory."""
+
+    directory: Path
+    files: dict[str, str]  # state_dict name -> file (tied names share one)
+    biasless: set[str]  # modules without a bias (a GGUF export may add one)
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _restore(loaded, snap: dict) -> None:
+def _snapshot(loaded, parent: Path) -> WeightSnapshot:
+    import tempfile
+
+    import torch
+
+    directory = Path(tempfile.mkdtemp(prefix=".weights-", dir=parent))
+    files: dict[str, str] = {}
+    seen: dict[tuple[int, int], str] = {}  # (data pointer, numel) -> file: tied parameters stored once
+    for i, (name, t) in enumerate(loaded.model.state_dict().items()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen[key] = str(directory / f"{i}.pt")
+            torch.save(t.detach().cpu().clone(), seen[key])
+        files[name] = seen[key]
+    biasless = {name for name, m in loaded.model.named_modules() if hasattr(m, "bias") and getattr(m, "bias", None) is None}
+    return WeightSnapshot(directory, files, biasless)
+
+
+def _restore(loaded, snap: WeightSnapshot) -> None:
     import torch
 
     with torch.no_grad():
-        for name in snap["biasless"]:
+        for name in snap.biasless:
             m = loaded.model.get_submodule(name)
             if getattr(m, "bias", None) is not None:
                 m.bias = None
-        loaded.model.load_state_dict(snap["params"], strict=True)
+        state = loaded.model.state_dict()
+        for name, path in snap.files.items():
+            state[name].copy_(torch.load(path, mmap=True, weights_only=True))
 
 
 def menu_for(ctx: FitContext, fmt, cache_dir: Path, log=_stderr) -> FormatMenu:
@@ -399,7 +470,7 @@ def _finish(result: FitResult, sections, loaded, sens, out: Path, compress: str,
         if best:
             log(f"analysis {fmt}: best codec {best['name']} ({100 * best['ratio']:.1f} %); compressing helps on "
                 f"{', '.join(result.analysis[fmt]['compress_on']) or 'no device'}")
-    path = write_report(out, sections, model=loaded.source.display, sens=sens, device_budget=result.device_budget,
+    path = write_report(out, sections, model=loaded.source.display, sens=sens, device_budgets=result.device_budgets,
                         timings=result.timings, analysis=analysis, compressed=result.compressed, extra_artifacts=extra,
                         notes=notes)
     result.report, result.report_html = str(path), str(out / "report.html")

@@ -19,6 +19,20 @@ independent random signs ``s_tk``, ``G = sum_tk s_tk g_tk`` has
 The projection is backpropagated through the head's weight projected on the
 directions (``W^T directions``, ``[d, k]``), so the ``[T, V]`` logits and their
 gradient are never formed; the head's weight still gets its full gradient.
+
+Memory: each weight's gradient is squared into its float64 statistics by a
+hook the moment autograd has accumulated it, and freed, so a backward pass
+holds one weight gradient at a time, never ``.grad`` for the whole model.
+The weights may be float32, bfloat16 or float16; the statistics are float32
+squares summed in float64 whatever the weights are. Activation checkpointing
+(transformers' own) recomputes each block in the backward pass when a
+window's saved activations would cost more memory than the slack allowed
+(:func:`use_checkpointing`); it changes the time, not the statistics.
+
+Scale-out: under ``torch.distributed`` each rank calibrates windows
+``rank::world_size`` and the sums are all-reduced (:mod:`.distributed`);
+a model dispatched by accelerate (``load_model(..., device_map=...)``, parts
+on CPU or disk) is calibrated through accelerate's own hooks.
 """
 from __future__ import annotations
 
@@ -122,6 +136,35 @@ class Sensitivities:
                    float(meta.get("seconds", 0.0)), json.loads(meta.get("eigenvalues", "[]")))
 
 
+def _accelerate_hooks(module) -> list:
+    """The accelerate ModelHooks on ``module`` (a SequentialHook flattened), or []."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))
+
+
+def _resident_weight(module, name: str = "weight"):
+    """``module``'s parameter ``name`` as a real tensor: the parameter itself,
+    or, where accelerate offloaded it (a ``meta`` placeholder between forward
+    passes), the copy in the offload store (CPU memory or a disk memory-map)."""
+    w = getattr(module, name)
+    if w.device.type != "meta":
+        return w
+    for hook in _accelerate_hooks(module):
+        store = getattr(hook, "weights_map", None)
+        if store is not None:
+            return store[name]
+    raise CvxqError(f"weight {name} of a {type(module).__name__} is on the meta device and has no offload copy",
+                    "load the model with load_model(..., device_map=..., offload_folder=DIR)")
+
+
+def _ref_weight(loaded: LoadedModel, ref: WeightRef):
+    """``[rows, cols]`` view of a quantizable weight, offloaded or not."""
+    w = _resident_weight(loaded.model.get_submodule(ref.module), ref.name.rpartition(".")[2])
+    return w.t() if ref.transposed else w
+
+
 def model_fingerprint(loaded: LoadedModel) -> str:
     """Cheap identity of the weights: shapes plus a hash of a strided sample of each."""
     import torch
@@ -129,7 +172,7 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for ref in loaded.weights:
-            w = loaded.weight_tensor(ref)
+            w = _ref_weight(loaded, ref)
             h.update(f"{ref.name}:{ref.rows}x{ref.cols};".encode())
             sample = w.reshape(-1)[:: max(1, w.numel() // 4096)].float().cpu().numpy()
             h.update(sample.tobytes())
@@ -178,27 +221,35 @@ def _head_replaced(head, forward):
 
 
 def output_directions(loaded: LoadedModel, windows: np.ndarray, n_pcs: int, device: str = "cpu"):
-    """Top ``n_pcs`` principal directions of the logits, ``[V, k]``, and their variances."""
+    """Top ``n_pcs`` principal directions of the logits, ``[V, k]``, and their variances.
+
+    Under ``torch.distributed`` each rank runs windows ``rank::world_size`` and
+    the covariance sums are all-reduced; rank 0's directions are broadcast so
+    every rank projects on exactly the same ones."""
     import torch
+
+    from . import distributed as dist
 
     model = loaded.model
     head = _output_head(loaded)
     d = head.weight.shape[1]
     total = torch.zeros(d, dtype=torch.float64, device=device)
     outer = torch.zeros(d, d, dtype=torch.float64, device=device)
-    count = 0
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    in_device = _input_device(loaded, device)
 
     def accumulate_head_input(x):  # x: [1, T, d], the head's input
-        nonlocal count
-        h = x.reshape(-1, d).double()  # [T, d]
+        h = x.reshape(-1, d).double().to(device)  # [T, d]
         total.add_(h.sum(0))
         outer.add_(h.T @ h)
-        count += h.shape[0]
+        count.add_(h.shape[0])
         return x  # only the head's input is needed here, not the logits
 
-    with torch.inference_mode(), _head_replaced(head, accumulate_head_input):
-        for row in windows:
-            model(input_ids=torch.as_tensor(row, device=device)[None], use_cache=False)
+    with _no_grad(loaded), _head_replaced(head, accumulate_head_input):
+        for row in windows[dist.rank() :: dist.world_size()]:
+            model(input_ids=torch.as_tensor(row, device=in_device)[None], use_cache=False)
+    for t in (total, outer, count):
+        dist.all_reduce_sum(t)
     mean = total / count
     cov_h = outer / count - torch.outer(mean, mean)  # [d, d]
     evals, evecs = torch.linalg.eigh(cov_h)
@@ -206,18 +257,35 @@ def output_directions(loaded: LoadedModel, windows: np.ndarray, n_pcs: int, devi
     # The logits' covariance is a a^T with a = W root ([V, d]); its nonzero
     # spectrum is that of a^T a = root^T (W^T W) root ([d, d]). Going through
     # the Gram matrix W^T W instead of forming a halves the [V, d] float64 work.
-    w = head.weight.detach().double()  # [V, d]
-    s_evals, q = torch.linalg.eigh(root.T @ (w.T @ w) @ root)
+    # W is read in row blocks of at most ~256 MB of float64, so a large
+    # vocabulary (Llama 3: 128k x 4096) never gets a whole float64 copy.
+    w = _resident_weight(head)  # [V, d], model dtype
+    block = max(1, (256 << 20) // (8 * d))
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for start in range(0, w.shape[0], block):
+        wb = w[start : start + block].detach().double().to(device)  # [b, d]
+        gram.add_(wb.T @ wb)
+    s_evals, q = torch.linalg.eigh(root.T @ gram @ root)
     order = torch.argsort(s_evals, descending=True)[:n_pcs]
     s_evals, q = s_evals[order], q[:, order]
-    directions = (w @ (root @ q)) / s_evals.clamp_min(1e-30).sqrt()  # [V, k] = a q / sqrt(eig), orthonormal columns
-    return directions.float(), s_evals.float()
+    lift = root @ q  # [d, k]
+    # [V, k] = a q / sqrt(eig): orthonormal columns
+    directions = torch.cat([w[start : start + block].detach().double().to(device) @ lift
+                            for start in range(0, w.shape[0], block)]) / s_evals.clamp_min(1e-30).sqrt()
+    directions, s_evals = directions.float(), s_evals.float()
+    dist.broadcast_from_main(directions)
+    dist.broadcast_from_main(s_evals)
+    return directions, s_evals
 
 
 def probe_grad_sq(projected, signs, refs: list[WeightRef], params: dict, *, retain: bool = False):
     """One random-sign probe: backpropagate ``sum_tk s_tk y_tk`` and yield
     ``(name, G**2)`` with ``G`` the weight gradient ``[rows, cols]`` (float32).
-    Over random signs, ``E[G**2] = sum_tk (dy_tk/dW)**2``."""
+    Over random signs, ``E[G**2] = sum_tk (dy_tk/dW)**2``.
+
+    This plain form holds every weight's gradient until the backward pass
+    ends: fine for tests and small models. :func:`calibrate` squares each
+    gradient in a hook instead (:class:`_GradSquares`)."""
     for p in params.values():
         p.grad = None
     (projected * signs).sum().backward(retain_graph=retain)
@@ -227,7 +295,160 @@ def probe_grad_sq(projected, signs, refs: list[WeightRef], params: dict, *, reta
             continue
         params[ref.name].grad = None  # the gradient buffer is ours now: square it in place
         g = g.t() if ref.transposed else g
-        yield ref.name, g.square_()
+        yield ref.name, g.float().square_()
+
+
+class _GradSquares:
+    """Per-weight statistics of squared gradients, filled by autograd hooks.
+
+    A post-accumulate-grad hook on each quantized weight runs as soon as the
+    backward pass has summed that weight's gradient (both uses of a tied
+    embedding/head included): it squares the gradient in float32, adds its
+    row-group means and row means to float64 sums, and drops ``.grad``. So at
+    most one weight gradient (plus its float32 square) is alive at a time.
+
+    A module whose weights accelerate offloads gets a fresh parameter on each
+    forward pass; there an accelerate ModelHook chained after the offload
+    hook puts the grad hook on the weight just loaded.
+    """
+
+    def __init__(self, loaded: LoadedModel, refs: list[WeightRef], row_group: int, device: str):
+        import torch
+
+        self.row_group = row_group
+        self.grad_sum = {r.name: torch.zeros(math.ceil(r.rows / row_group), r.cols, dtype=torch.float64, device=device)
+                         for r in refs}  # [ceil(rows/rg), cols]
+        self.row_sum = {r.name: torch.zeros(r.rows, dtype=torch.float64, device=device) for r in refs}  # [rows]
+        self._handles: list = []
+        self._restore: list = []  # (module, its original accelerate hook)
+        self._token = object()  # marks the parameters this instance has hooked
+        for ref in refs:
+            module = loaded.model.get_submodule(ref.module)
+            attr = ref.name.rpartition(".")[2]
+            if getattr(module, attr).device.type == "meta" and _accelerate_hooks(module):
+                self._follow_offload(module, attr, ref)
+            else:
+                self._hook(getattr(module, attr), ref)
+
+    def _hook(self, param, ref: WeightRef) -> None:
+        # Marked on the parameter itself: offloaded modules create a parameter
+        # per forward pass, and a freed one's id() can come back for the next.
+        if getattr(param, "_cvxq_grad_squares", None) is self._token or not param.requires_grad:
+            return
+        param._cvxq_grad_squares = self._token
+        param.grad = None  # a stale gradient would be summed into the first one
+        self._handles.append(param.register_post_accumulate_grad_hook(lambda p, ref=ref: self._accumulate(p, ref)))
+
+    def _follow_offload(self, module, attr: str, ref: WeightRef) -> None:
+        import torch
+        from accelerate.hooks import ModelHook, SequentialHook
+
+        owner = self
+
+        class HookLoadedWeight(ModelHook):
+            def pre_forward(self, module, *args, **kwargs):  # runs after the offload hook has loaded the weight
+                if torch.is_grad_enabled():
+                    weight = getattr(module, attr)
+                    weight.requires_grad_(True)
+                    owner._hook(weight, ref)
+                return args, kwargs
+
+        original = module._hf_hook
+        module._hf_hook = SequentialHook(original, HookLoadedWeight())  # accelerate's wrapper reads _hf_hook per call
+        self._restore.append((module, original))
+
+    def _accumulate(self, param, ref: WeightRef) -> None:
+        g = param.grad
+        param.grad = None  # the gradient buffer is ours now: square it in place, then let it go
+        g = g.t() if ref.transposed else g  # [rows, cols]
+        acc, row_acc = self.grad_sum[ref.name], self.row_sum[ref.name]
+        # Whole row groups at a time, ~64 MB of float32 each: a 16-bit gradient's
+        # float32 square (a copy) never costs a whole [V, d] embedding's worth.
+        block = max(1, (64 << 20) // (4 * g.shape[1] * self.row_group)) * self.row_group
+        for start in range(0, g.shape[0], block):
+            g2 = g[start : start + block].float().square_()  # [b, cols] float32 (in place for float32 weights)
+            acc[start // self.row_group : (start + g2.shape[0] + self.row_group - 1) // self.row_group] += \
+                _group_rows(g2, self.row_group).to(acc.device)
+            row_acc[start : start + g2.shape[0]] += g2.mean(1).to(acc.device)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for module, original in self._restore:
+            module._hf_hook = original
+        self._handles, self._restore = [], []
+
+
+def _no_grad(loaded: LoadedModel):
+    """inference_mode, or no_grad for a model accelerate dispatched: its
+    offload hooks swap parameters in and out during the pass, and a parameter
+    created under inference_mode could never require a gradient later."""
+    import torch
+
+    return torch.no_grad() if getattr(loaded.model, "hf_device_map", None) else torch.inference_mode()
+
+
+def _input_device(loaded: LoadedModel, device: str):
+    """Where input ids go: ``device``, or for a model accelerate dispatched,
+    the device of its input embedding (accelerate moves them on from there)."""
+    if getattr(loaded.model, "hf_device_map", None):
+        w = loaded.model.get_input_embeddings().weight
+        return "cpu" if w.device.type == "meta" else w.device
+    return device
+
+
+def _has_dropout(config) -> bool:
+    """True when any dropout probability in the config is nonzero: checkpointing
+    runs the blocks in training mode, which would switch such dropout on."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in text.to_dict().items() if "dropout" in k or k.endswith("_pdrop"))
+
+
+def use_checkpointing(loaded: LoadedModel, seq_len: int, device: str = "cpu") -> bool:
+    """Whether activation checkpointing saves memory worth its time (about one
+    more forward pass per window): when one window's saved activations
+    (:func:`memory.activation_bytes`) exceed 30% of the weights plus 1 GiB, the
+    slack a calibration run is allowed beyond its weights, or half of the
+    memory still available. Never for a model with dropout (see
+    :func:`_has_dropout`) or one transformers cannot checkpoint."""
+    from .memory import GiB, activation_bytes, available_bytes, model_bytes
+
+    model = loaded.model
+    if not getattr(model, "supports_gradient_checkpointing", False) or _has_dropout(model.config):
+        return False
+    itemsize = next(model.parameters()).element_size()
+    needed = activation_bytes(model.config, seq_len, itemsize)
+    return needed > 0.3 * model_bytes(model) + GiB or needed > available_bytes(device) // 2
+
+
+@contextmanager
+def _activation_checkpointing(model, enabled: bool):
+    """transformers' activation checkpointing, on for the duration.
+
+    transformers checkpoints a block only when that block is in training mode;
+    only the blocks' own flags are set, their submodules (attention, dropout)
+    stay in eval mode, and models with dropout are never checkpointed, so the
+    recomputed forward is the same computation."""
+    if not enabled:
+        yield
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in blocks:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in blocks:
+            m.training = False
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
 
 
 def _plain_head(loaded: LoadedModel, row: np.ndarray, device: str) -> bool:
@@ -240,7 +461,7 @@ def _plain_head(loaded: LoadedModel, row: np.ndarray, device: str) -> bool:
     captured: list = []
     hook = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
     try:
-        with torch.inference_mode():
+        with _no_grad(loaded):
             logits = model(input_ids=torch.as_tensor(row[:16], device=device)[None], use_cache=False).logits  # [1, t, V]
             direct = head(captured[-1])
     finally:
@@ -249,14 +470,23 @@ def _plain_head(loaded: LoadedModel, row: np.ndarray, device: str) -> bool:
 
 
 def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSettings, *, device: str = "cpu",
-              progress: bool = True) -> Sensitivities:
-    """Run CVXQ calibration over ``windows`` ``[n, seq_len]`` token ids."""
+              progress: bool = True, checkpointing: bool | None = None) -> Sensitivities:
+    """Run CVXQ calibration over ``windows`` ``[n, seq_len]`` token ids.
+
+    ``checkpointing``: activation checkpointing on/off; None decides by memory
+    (:func:`use_checkpointing`). It does not change the result.
+    Under ``torch.distributed`` every rank passes the same ``windows`` and gets
+    the same Sensitivities; each runs only its share of them."""
     import torch
     from tqdm.auto import tqdm
 
+    from . import distributed as dist
+
     start = time.perf_counter()
     model = loaded.model
-    model.to(device)
+    if not getattr(model, "hf_device_map", None):  # a dispatched model stays where accelerate put it
+        model.to(device)
+    in_device = _input_device(loaded, device)
     directions, variances = output_directions(loaded, windows[: settings.pca_windows], settings.n_pcs, device)  # [V, k]
     k = directions.shape[1]
     head = _output_head(loaded)
@@ -267,11 +497,13 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
     # The head then costs 2 V k d multiply-adds per window instead of
     # 3 T V d + 2 T V k (the logits, their gradients into h and W, and the
     # projection): about 7x fewer on SmolLM2 (T 512, k 128, d 576).
-    projected_head = _plain_head(loaded, windows[0], device)
+    # An offloaded head (weight on meta between passes) runs as the model runs it.
+    projected_head = head.weight.device.type != "meta" and _plain_head(loaded, windows[0], in_device)
+    directions_w = directions.to(head.weight.device) if projected_head else directions
 
     def project_through_head(x):  # x: [1, T, d] -> [1, T, k]
-        y = x @ (directions.T @ head.weight).T  # [d, k] projected head
-        return y + head.bias @ directions if getattr(head, "bias", None) is not None else y
+        y = x @ (directions_w.T.to(head.weight.dtype) @ head.weight).T  # [d, k] projected head
+        return y + head.bias @ directions_w if getattr(head, "bias", None) is not None else y
 
     refs = loaded.weights
     params = {ref.name: model.get_parameter(ref.name) for ref in refs}
@@ -282,11 +514,10 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
     for p in params.values():
         p.requires_grad_(True)
 
-    grad_acc = {ref.name: torch.zeros(math.ceil(ref.rows / settings.row_group), ref.cols, dtype=torch.float64, device=device) for ref in refs}
-    row_acc = {ref.name: torch.zeros(ref.rows, dtype=torch.float64, device=device) for ref in refs}
     in_sum: dict[str, torch.Tensor] = {}
     in_sq: dict[str, torch.Tensor] = {}
-    n_inputs = {"tokens": 0}
+    forward_pass = [False]  # True while the model's forward pass runs (not its recomputation)
+    n_tokens = torch.zeros(1, dtype=torch.float64, device=device)
     hooks = []
     for ref in refs:
         if ref.kind != "linear":
@@ -296,47 +527,65 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
         in_sq[ref.name] = torch.zeros(ref.cols, dtype=torch.float64, device=device)
 
         def hook(mod, inp, out, name=ref.name):
+            if not forward_pass[0]:  # a checkpointed block recomputed in the backward pass: inputs already counted
+                return
             # float32 sums over one window's tokens, float64 running sums over windows
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1])  # [tokens, cols]
-            in_sum[name] += x.sum(0)
-            in_sq[name] += (x * x).sum(0)
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()  # [tokens, cols]
+            in_sum[name] += x.sum(0).to(in_sum[name].device)
+            in_sq[name] += (x * x).sum(0).to(in_sq[name].device)
 
         hooks.append(module.register_forward_hook(hook))
 
+    if checkpointing is None:
+        checkpointing = use_checkpointing(loaded, int(windows.shape[1]), device)
+    grads = _GradSquares(loaded, refs, settings.row_group, device)
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+    rank, world = dist.rank(), dist.world_size()
     try:
-        with _head_replaced(head, project_through_head) if projected_head else nullcontext():
-            bar = tqdm(windows, desc="calibrate", unit="window", disable=not progress)
-            for row in bar:
-                ids = torch.as_tensor(row, device=device)[None]
+        with (_head_replaced(head, project_through_head) if projected_head else nullcontext(),
+              _activation_checkpointing(model, checkpointing)):
+            bar = tqdm(windows, desc="calibrate", unit="window", disable=not progress or not dist.is_main())
+            for i, row in enumerate(bar):
+                # Every rank draws every window's signs in order, so a window gets
+                # the same signs whichever rank (or how many ranks) runs it.
+                signs = [(torch.randint(0, 2, (len(row), k), generator=gen) * 2 - 1) for _ in range(settings.probes)]
+                if i % world != rank:
+                    continue
+                ids = torch.as_tensor(row, device=in_device)[None]
+                forward_pass[0] = True
                 out = model(input_ids=ids, use_cache=False).logits[0].float()  # [T, k] projected, or [T, V] logits
-                projected = out if projected_head else out @ directions  # [T, k]
-                n_inputs["tokens"] += ids.shape[1]
+                forward_pass[0] = False
+                projected = out if projected_head else out @ directions.to(out.device)  # [T, k]
+                n_tokens += ids.shape[1]
                 for probe in range(settings.probes):
-                    signs = (torch.randint(0, 2, projected.shape, generator=gen) * 2 - 1).to(projected)  # [T, k]
-                    for name, g2 in probe_grad_sq(projected, signs, refs, params, retain=probe + 1 < settings.probes):
-                        grad_acc[name] += _group_rows(g2, settings.row_group)
-                        row_acc[name] += g2.mean(1)
-                        del g2  # free each [rows, cols] buffer before the next one is squared
+                    # the hooks of _GradSquares square and free each weight's gradient during this call
+                    (projected * signs[probe].to(projected)).sum().backward(retain_graph=probe + 1 < settings.probes)
                 del out, projected
     finally:
+        grads.close()
         for h in hooks:
             h.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(saved_flags[name])
             p.grad = None
 
+    # Sums and counts over all ranks' windows; with one process these are no-ops.
+    for table in (grads.grad_sum, grads.row_sum, in_sum, in_sq):
+        for t in table.values():
+            dist.all_reduce_sum(t)
+    dist.all_reduce_sum(n_tokens)
     n_samples = len(windows) * settings.probes
+    tokens = float(n_tokens.item())
     stats: dict[str, WeightStats] = {}
     for ref in refs:
-        grad_sq = (grad_acc[ref.name] / n_samples).float().cpu().numpy()
+        grad_sq = (grads.grad_sum[ref.name] / n_samples).float().cpu().numpy()
         if ref.kind == "embedding":
             grad_sq = _floor_unseen_rows(grad_sq)
         mean = sq = None
         if ref.name in in_sum:
-            mean = (in_sum[ref.name] / n_inputs["tokens"]).float().cpu().numpy()
-            sq = (in_sq[ref.name] / n_inputs["tokens"]).float().cpu().numpy()
-        stats[ref.name] = WeightStats(grad_sq, (row_acc[ref.name] / n_samples).float().cpu().numpy(), mean, sq)
+            mean = (in_sum[ref.name] / tokens).float().cpu().numpy()
+            sq = (in_sq[ref.name] / tokens).float().cpu().numpy()
+        stats[ref.name] = WeightStats(grad_sq, (grads.row_sum[ref.name] / n_samples).float().cpu().numpy(), mean, sq)
     return Sensitivities(stats, settings, model_fingerprint(loaded), time.perf_counter() - start,
                          [float(v) for v in variances[:k].tolist()])
 

@@ -55,6 +55,12 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, budget: bool = Fa
         p.add_argument("--force", action="store_true", help="write into an existing directory not made by this tool")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--torch-device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded and calibrated in (default auto: float32 when it fits this "
+                        "machine's memory, else bfloat16)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="for a model larger than memory: spread it over GPUs, CPU and DIR on disk "
+                        "(accelerate's big-model loading)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -128,11 +134,10 @@ def _settings(args):
 
 
 def _load(args):
-    from .model import load_model
+    from .api import load
 
-    device = torch_device(args.torch_device)
-    _log(args, f"loading {args.model or 'default model (SmolLM2-135M-Instruct)'} ...")
-    return load_model(args.model, device=device), device
+    return load(args.model, torch_device(args.torch_device), dtype=args.dtype, offload_dir=args.offload_dir,
+                log=lambda msg: _log(args, msg))
 
 
 def _log(args, msg: str) -> None:
@@ -216,6 +221,7 @@ def cmd_fit(args, *, write: bool = True) -> dict:
                  eval_windows=args.eval_windows, context=args.context, plan=getattr(args, "plan", None), write=write,
                  analysis=not getattr(args, "no_analysis", False), compress=getattr(args, "compress", "none") or "none",
                  force=args.force, torch_device=args.torch_device, use_cache=not args.no_cache,
+                 dtype=args.dtype, offload_dir=args.offload_dir,
                  log=lambda m: _log(args, m))
     return result.to_dict()
 

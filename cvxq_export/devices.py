@@ -22,6 +22,47 @@ _REQUIRED = ("ram_bytes", "os_reserved_bytes", "storage_read_mb_s", "decode_mb_s
 KV_BYTES = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 
 
+# field -> (smallest, largest) allowed; numbers must be finite, counts integers
+_RANGES = {
+    "ram_bytes": (1 << 20, 1 << 50),  # 1 MiB .. 1 PiB
+    "os_reserved_bytes": (0, 1 << 50),
+    "storage_read_mb_s": (1e-3, 1e7),
+    "decode_mb_s": (1e-3, 1e7),
+    "runtime_overhead_bytes": (0, 1 << 50),
+    "default_context": (1, 1 << 24),
+}
+_INTEGERS = ("ram_bytes", "os_reserved_bytes", "runtime_overhead_bytes", "default_context")
+_RUNNABLE_FORMATS = ("gguf", "onnx", "packed")
+
+
+def profile_problems(data: dict) -> list[tuple[str, str]]:
+    """(problem, fix) for every bad field of a parsed profile."""
+    out = []
+    for key in _REQUIRED:
+        if key not in data:
+            out.append((f"{key} is missing", f"add {key}"))
+    for key, (lo, hi) in _RANGES.items():
+        v = data.get(key)
+        if key not in data:
+            continue
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not is_number or (key in _INTEGERS and float(v) != int(v)) or not lo <= v <= hi:
+            kind = "an integer" if key in _INTEGERS else "a number"
+            out.append((f"{key} = {v!r}", f"set {key} to {kind} from {lo:g} to {hi:g}"))
+    if "ram_bytes" in data and "os_reserved_bytes" in data and not out:
+        if data["os_reserved_bytes"] >= data["ram_bytes"]:
+            out.append((f"os_reserved_bytes {data['os_reserved_bytes']} >= ram_bytes {data['ram_bytes']}",
+                        "os_reserved_bytes must be below ram_bytes"))
+    if "default_format" in data and data["default_format"] not in _RUNNABLE_FORMATS:
+        out.append((f"default_format = {data['default_format']!r}", f"use one of {', '.join(_RUNNABLE_FORMATS)}"))
+    if "kv_cache_dtype" in data and data["kv_cache_dtype"] not in KV_BYTES:
+        out.append((f"kv_cache_dtype = {data['kv_cache_dtype']!r}", f"use one of {', '.join(KV_BYTES)}"))
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            out.append((f"{key} is not a string", f"quote {key}"))
+    return out
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
@@ -40,18 +81,15 @@ class DeviceProfile:
     def from_toml(cls, path: Path) -> "DeviceProfile":
         try:
             data = tomllib.loads(path.read_text("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CvxqError(f"device profile {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            "save it as UTF-8") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise CvxqError(f"cannot read device profile {path}: {exc}", "fix the TOML syntax") from None
-        missing = [k for k in _REQUIRED if k not in data]
-        if missing:
-            raise CvxqError(f"device profile {path} lacks {', '.join(missing)}", f"add the fields {', '.join(missing)}")
-        for key in _REQUIRED:
-            if key not in ("default_format", "kv_cache_dtype") and not (isinstance(data[key], (int, float)) and data[key] >= 0):
-                raise CvxqError(f"device profile {path}: {key} must be a non-negative number, got {data[key]!r}",
-                                f"set {key} to a number")
-        if data["kv_cache_dtype"] not in KV_BYTES:
-            raise CvxqError(f"device profile {path}: unknown kv_cache_dtype {data['kv_cache_dtype']!r}",
-                            f"use one of {', '.join(KV_BYTES)}")
+        problems = profile_problems(data)
+        if problems:
+            raise CvxqError(f"device profile {path} has {len(problems)} bad field(s): "
+                            + "; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
         return cls(
             name=data.get("name", path.stem), description=data.get("description", ""),
             ram_bytes=int(data["ram_bytes"]), os_reserved_bytes=int(data["os_reserved_bytes"]),
@@ -121,6 +159,7 @@ class BudgetBreakdown:
     runtime: int
     context: int
     weights: int
+    kv_dtype: str = "f16"  # the cache element type charged
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +175,7 @@ def weight_budget(profile: DeviceProfile, shape: ModelShape, context: int | None
         raise CvxqError(f"device {profile.name} cannot hold the KV cache for a context of {context} tokens "
                         f"({kv:,} bytes) with {usable:,} usable bytes", "pass a shorter --context or --budget")
     return BudgetBreakdown(profile.name, profile.ram_bytes, profile.os_reserved_bytes, usable, kv,
-                           profile.runtime_overhead_bytes, context, weights)
+                           profile.runtime_overhead_bytes, context, weights, kv_dtype or profile.kv_cache_dtype)
 
 
 def load_time_seconds(nbytes: int, profile: DeviceProfile) -> float:

@@ -17,15 +17,42 @@ they stand after the earlier columns' feedback. The bytes are the plan's bytes
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
-def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1``: ``[n, n]`` float64.
+# The last few factors, keyed by the Hessian array's identity and the column order: layers
+# that share an input (q/k/v, gate/up) share one Hessian array, so one factorisation (the
+# O(n^3) part of the feedback) serves all of them. Entries hold the array, so its id cannot
+# be reused by another array while the entry lives.
+_FACTORS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_FACTORS_KEPT = 4
+
+
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, order: np.ndarray | None = None) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1``: ``[n, n]`` float64,
+    of ``H = hessian[order][:, order]`` when ``order`` (``[n]`` column indices) is given.
 
     Columns that never see input (zero diagonal) get a unit diagonal so the
     factorisation exists; their weights get no feedback from the others.
+    A recent factor of the same array and order is reused (read-only result).
     """
+    order_key = None if order is None else hash(np.asarray(order, dtype=np.int64).tobytes())
+    key = (id(hessian), order_key, damp)
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0] is hessian:
+        return hit[1]
+    h = hessian if order is None else np.asarray(hessian)[np.ix_(order, order)]
+    u = _inverse_hessian_factor(h, damp)
+    u.setflags(write=False)
+    while len(_FACTORS) >= _FACTORS_KEPT:
+        _FACTORS.pop(next(iter(_FACTORS)))
+    _FACTORS[key] = (hessian, u)
+    return u
+
+
+def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
     h = np.array(hessian, dtype=np.float64, copy=True)
     diag = np.diag(h).copy()
     dead = diag <= 0
@@ -40,6 +67,40 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarra
     return np.linalg.cholesky(h_inv).T                  # H^-1 = U^T U, U upper
 
 
+# Columns per lazy batch: inside a batch each fixed column updates only the batch's later
+# columns; the rest of the matrix gets the whole batch's correction in one matmul (GPTQ's
+# lazy batch update; the same sums, in another order).
+FEEDBACK_BLOCK = 64
+
+
+@lru_cache(maxsize=1)
+def _companded_search() -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Tables to find every companded unit's nearest level in one search, whatever its bit depth.
+
+    ``merged`` is the sorted union of every bit depth's decision thresholds (the midpoints
+    between neighbouring levels, float32, as :func:`quantizers._nearest_level` computes them);
+    ``below[b * stride + p]`` is how many of depth ``b``'s thresholds lie among ``merged[:p]``.
+    With ``p = searchsorted(merged, z)`` (thresholds strictly below ``z``) that count is the
+    code ``torch.bucketize(z, thresholds_b)`` gives: the same float32 comparisons, so the same
+    codes. ``levels[b * 256 + code]`` is the level (0 padded). Returns
+    (merged, below, levels, stride).
+    """
+    from .quantizers import MAX_BITS, laplace_table
+
+    mids = {}
+    for b in range(1, MAX_BITS + 1):
+        t = laplace_table(b)
+        mids[b] = ((t[1:] + t[:-1]) / 2).numpy()
+    merged = np.unique(np.concatenate(list(mids.values())))               # [m] float32, ascending
+    stride = len(merged) + 1
+    below = np.zeros((MAX_BITS + 1, stride), dtype=np.int64)
+    levels = np.zeros((MAX_BITS + 1, 256), dtype=np.float32)
+    for b, m in mids.items():
+        below[b, 1:] = np.cumsum(np.isin(merged, m))
+        levels[b, :1 << b] = laplace_table(b).numpy()
+    return merged, below.reshape(-1), levels.reshape(-1), stride
+
+
 def quantize_tensor_feedback(loaded, sens, ref, unit_map: np.ndarray, row_group: int, col_group: int,
                              hessian: np.ndarray, *, damp: float = 0.01):
     """:func:`cvxq_export.native.quantize_tensor` with error feedback across columns.
@@ -49,14 +110,15 @@ def quantize_tensor_feedback(loaded, sens, ref, unit_map: np.ndarray, row_group:
     (GPTQ's "static groups": fitting per column as it comes up costs a clip
     search per unit and column, 20x slower for about the same result); the
     codes are then chosen column by column on those grids, each column's
-    rounding error pushed onto the later columns. ``hessian`` is ``[cols, cols]``
-    (``E[x x^T]`` of the layer's input). The returned NativeTensor's ``dequant``
-    is computed with the reader's arithmetic from the stored codes and parameters.
+    rounding error pushed onto the later columns (lazily, :data:`FEEDBACK_BLOCK`
+    columns at a time). ``hessian`` is ``[cols, cols]`` (``E[x x^T]`` of the
+    layer's input). The returned NativeTensor's ``dequant`` is computed with the
+    reader's arithmetic from the stored codes and parameters.
     """
     import torch
 
-    from .native import OPTIONS, NativeTensor, decode_map, option_units, quantize_tensor
-    from .quantizers import COMPANDED, UNIFORM, laplace_table
+    from .native import NativeTensor, decode_map, option_units, quantize_tensor
+    from .quantizers import COMPANDED
 
     if col_group != 1:
         raise ValueError(f"error feedback walks single columns; the plan's column group is {col_group}")
@@ -66,48 +128,52 @@ def quantize_tensor_feedback(loaded, sens, ref, unit_map: np.ndarray, row_group:
     plain = quantize_tensor(loaded, sens, ref, unit_map, row_group, col_group)  # the grids
     n_rg = rows // row_group
     bits, kind = decode_map(np.asarray(unit_map, dtype=np.uint8))
-    # unit index = row_group_index * cols + column (native.to_units with c = 1); per-row views [rows, cols]
-    expand = lambda a: torch.as_tensor(a).reshape(n_rg, 1, cols).expand(n_rg, row_group, cols).reshape(rows, cols)  # noqa: E731
-    off = expand(plain.offset.float())
-    scl = expand(plain.scale.float())
-    b_rc = expand(torch.from_numpy(bits.astype(np.int64)))
-    k_rc = expand(torch.from_numpy(kind.astype(np.int64)))
-    groups = [(b, k, (b_rc == b) & (k_rc == k if b else torch.ones_like(b_rc, dtype=torch.bool)))
-              for b, k in OPTIONS if (b > 0 or k == UNIFORM)]
-    groups = [(b, k, m) for b, k, m in groups if bool(m.any())]
-    tables = {b: laplace_table(b) for b, k, _ in groups if k == COMPANDED}
-    mids = {b: (t[1:] + t[:-1]) / 2 for b, t in tables.items()}
-    u = torch.from_numpy(inverse_hessian_factor(hessian, damp)).float()     # [cols, cols]
-    with torch.no_grad():
-        work = loaded.weight_tensor(ref).detach().float().cpu().clone()     # [rows, cols], updated as columns are fixed
-        codes = torch.zeros(rows, cols, dtype=torch.uint8)
-        deq = torch.empty(rows, cols)
-        safe = torch.where(scl > 0, scl, torch.ones_like(scl))
-        for j in range(cols):
-            x = work[:, j]                                                   # [rows]
-            o, s, sf = off[:, j], scl[:, j], safe[:, j]
-            v = torch.empty(rows)
-            c = torch.zeros(rows, dtype=torch.uint8)
-            for b, k, mask in groups:
-                m = mask[:, j]
-                if not bool(m.any()):
-                    continue
-                if b == 0:
-                    v[m] = o[m]
-                elif k == UNIFORM:  # quantizers.dequantize_uniform: offset + code * scale
-                    q = torch.clamp(torch.round((x[m] - o[m]) / sf[m]), 0, (1 << b) - 1)
-                    c[m] = q.to(torch.uint8)
-                    v[m] = o[m] + q * s[m]
-                else:  # quantizers.dequantize_companded: offset + scale * table[code]
-                    q = torch.bucketize(((x[m] - o[m]) / sf[m]).contiguous(), mids[b])
-                    c[m] = q.to(torch.uint8)
-                    v[m] = o[m] + s[m] * tables[b][q]
-            codes[:, j] = c
-            deq[:, j] = v
-            if j + 1 < cols:
-                err = (x - v) / u[j, j]                                      # [rows]
-                work[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]     # GPTQ's rank-1 update
-        flat_codes = codes.reshape(n_rg, row_group, cols).permute(0, 2, 1).reshape(n_rg * cols, row_group)
-        code_groups = [flat_codes[torch.from_numpy(sel)] for _, _, sel in option_units(bits, kind)]
+    # Per-unit parameters, one row per column ([cols, n_rg, 1]: unit index = row_group_index * cols
+    # + column, native.to_units with c = 1), so column j's are one contiguous slice that
+    # broadcasts against that column's weights viewed as [n_rg, row_group].
+    per_col = lambda a: np.ascontiguousarray(np.asarray(a).reshape(n_rg, cols).T)[:, :, None]  # noqa: E731
+    off = per_col(plain.offset.float().numpy())
+    scl = per_col(plain.scale.float().numpy())
+    safe = np.where(scl > 0, scl, np.float32(1.0))
+    b_u = per_col(bits.astype(np.int64))
+    top = ((1 << b_u) - 1).astype(np.float32)                              # uniform: the highest code
+    is_zero = b_u == 0
+    is_comp = per_col((kind == COMPANDED) & (bits > 0))
+    any_zero, any_comp = is_zero.any(axis=(1, 2)), is_comp.any(axis=(1, 2))   # [cols]
+    merged, below, levels, stride = _companded_search()
+    below_at, level_at = b_u * stride, b_u * 256                            # [cols, n_rg, 1] table offsets
+    u = inverse_hessian_factor(hessian, damp).astype(np.float32)            # [cols, cols]
+    # the weights transposed, [cols, rows], so a column is a contiguous row; updated as columns are fixed
+    work = np.ascontiguousarray(loaded.weight_tensor(ref).detach().float().cpu().numpy().T)
+    codes = np.zeros((cols, rows), dtype=np.uint8)
+    deq = np.empty((cols, rows), dtype=np.float32)
+    errs = np.empty((FEEDBACK_BLOCK, rows), dtype=np.float32)              # one batch's scaled errors
+    for a in range(0, cols, FEEDBACK_BLOCK):
+        b = min(a + FEEDBACK_BLOCK, cols)
+        for j in range(a, b):
+            x = work[j].reshape(n_rg, row_group)
+            o, s = off[j], scl[j]                                           # [n_rg, 1]
+            # the arithmetic of quantizers.quantize_uniform / quantize_companded, for every unit at once
+            z = (x - o) / safe[j]
+            code = np.clip(np.round(z), 0.0, top[j])                        # uniform codes (float)
+            level = code
+            if any_comp[j]:
+                code_c = below[below_at[j] + np.searchsorted(merged, z)]    # companded codes
+                code = np.where(is_comp[j], code_c, code)
+                level = np.where(is_comp[j], levels[level_at[j] + code_c], level)
+            v = o + s * level
+            if any_zero[j]:
+                v = np.where(is_zero[j], o, v)
+                code = np.where(is_zero[j], 0, code)
+            codes[j] = code.reshape(-1)
+            deq[j] = v.reshape(-1)
+            e = (work[j] - deq[j]) / u[j, j]                               # [rows]
+            errs[j - a] = e
+            if j + 1 < b:
+                work[j + 1:b] -= u[j, j + 1:b, None] * e[None, :]           # GPTQ's rank-1 update, inside the batch
+        if b < cols:
+            work[b:] -= u[a:b, b:].T @ errs[:b - a]                         # [cols - b, rows]: the batch, at once
+    flat_codes = codes.reshape(cols, n_rg, row_group).transpose(1, 0, 2).reshape(n_rg * cols, row_group)
+    code_groups = [torch.from_numpy(np.ascontiguousarray(flat_codes[sel])) for _, _, sel in option_units(bits, kind)]
     return NativeTensor(ref, row_group, col_group, np.asarray(unit_map, dtype=np.uint8), code_groups,
-                        plain.offset, plain.scale, deq)
+                        plain.offset, plain.scale, torch.from_numpy(np.ascontiguousarray(deq.T)))

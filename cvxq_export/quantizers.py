@@ -36,6 +36,16 @@ LOW_BIT_CLIP_GRID = CLIP_GRID + (0.4, 0.3, 0.2)  # 1-2 bits: the optimum sits fa
 LAPLACE_SCALE_GRID = tuple(2.0 ** (e / 4) for e in range(-3, 2))
 
 
+def worker_count() -> int:
+    """Threads for the menu and writer pools: the cores this process may use."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass
 class QuantizedUnits:
     codes: torch.Tensor  # [n, m] uint8

@@ -236,7 +236,7 @@ class SectionData:
 class ReportData:
     model: str
     sections: list[SectionData]
-    device_budget: dict | None  # the device profile's breakdown, when --device was given
+    device_budgets: dict[str, dict]  # format -> the device profile's breakdown, when --device was given
     artifacts: list[dict]
     analysis: dict[str, dict]  # format -> AnalysisResult dict
     compressed: dict | None  # the container written, if any
@@ -379,11 +379,8 @@ def render(data: ReportData, plots: dict[str, dict]) -> str:
         if not single:
             lines += [f"## {s.format}", ""]
         lines += _render_section(s, data, plots, "##" if single else "###")
-    if data.device_budget:
-        lines += ["## Device profile", "", "| item | value |", "|---|---:|"]
-        lines += [f"| {k} | {format_size(v) if isinstance(v, int) and k != 'context' else v} |"
-                  for k, v in data.device_budget.items()]
-        lines.append("")
+    if data.device_budgets:
+        lines += _device_memory(data.device_budgets, {s.format: s.artifact for s in data.sections})
     lines += ["## Compressibility and load time", ""]
     if data.analysis:
         for fmt, result in data.analysis.items():
@@ -500,17 +497,35 @@ def markdown_to_html(md: str, images: dict[str, bytes], title: str) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def _device_memory(budgets: dict[str, dict], artifacts: dict[str, dict | None]) -> list[str]:
+    """The device's memory split per written file: what the runtime will hold next to it."""
+    first = next(iter(budgets.values()))
+    lines = ["## Device memory", "",
+             f"{first['device']}: {format_size(first['ram'])} RAM, {format_size(first['os_reserved'])} kept by the OS, "
+             f"{format_size(first['usable'])} usable; context {first['context']} tokens.", "",
+             "| format | weights file | KV cache (runtime's type) | runtime | headroom |", "|---|---:|---:|---:|---:|"]
+    for fmt, b in budgets.items():
+        art = artifacts.get(fmt)
+        file_bytes = int(art["file_bytes"]) if art else None
+        headroom = b["usable"] - b["kv_cache"] - b["runtime"] - (file_bytes or 0)
+        kv = f"{format_size(b['kv_cache'])} ({b.get('kv_dtype', '?')})"
+        lines.append(f"| {fmt} | {format_size(file_bytes) if file_bytes is not None else '-'} | {kv} | "
+                     f"{format_size(b['runtime'])} | {format_size(headroom) if file_bytes is not None else '-'} |")
+    return lines + [""]
+
+
 # =========================================================================== writing
 
 
 def write_report(out: Path, sections: Sequence[FormatSection], *, model: str, sens=None,
-                 device_budget: dict | None = None, timings: dict | None = None,
+                 device_budgets: dict[str, dict] | None = None, timings: dict | None = None,
                  analysis: dict[str, dict] | None = None, compressed: dict | None = None,
                  extra_artifacts: Sequence[Artifact] = (), notes: Sequence[str] = ()) -> Path:
     """Write report.json, the PNG plots, report.md and report.html into ``out``; returns report.md's path.
 
-    ``sections``: one per format written (or planned); ``device_budget`` the device
-    profile's budget breakdown (None with --budget); ``analysis`` the written files'
+    ``sections``: one per format written (or planned); ``device_budgets`` the device
+    profile's budget breakdown per format (each runtime allocates its own KV cache; None
+    with --budget); ``analysis`` the written files'
     analyses (format -> AnalysisResult dict); ``compressed`` the container written (if
     any), listed with ``extra_artifacts``.
     """
@@ -524,10 +539,10 @@ def write_report(out: Path, sections: Sequence[FormatSection], *, model: str, se
         curve = s.curve.to_dict() if hasattr(s.curve, "to_dict") else s.curve
         sdata.append(SectionData(
             s.format, s.plan.summary() if s.plan else None, bits_table(s.plan) if s.plan else None, curve,
-            budget_breakdown(s.plan, device_budget, file_bytes) if s.plan or file_bytes else None,
+            budget_breakdown(s.plan, (device_budgets or {}).get(s.format), file_bytes) if s.plan or file_bytes else None,
             dict(s.evaluation or {}), s.artifact.to_dict() if s.artifact is not None else None))
     data = ReportData(
-        model=model, sections=sdata, device_budget=device_budget, artifacts=arts, analysis=dict(analysis or {}),
+        model=model, sections=sdata, device_budgets=dict(device_budgets or {}), artifacts=arts, analysis=dict(analysis or {}),
         compressed=compressed, timings=dict(timings or {}),
         calibration=dict(sens.settings.__dict__) if sens is not None else None, notes=notes,
         extra={s.format: s.info for s in sections if s.info})

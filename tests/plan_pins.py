@@ -7,7 +7,6 @@ the same plans and compares them tensor by tensor. Calibration is short (8 windo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,11 +19,11 @@ CASES = [("gguf", 74_000_000, None), ("gguf", 93_500_000, None), ("onnx", 90_000
 
 
 def plan_digest(plan) -> dict:
-    """What the allocator chose, per tensor: option name and a hash of the unit map."""
-    tensors = {}
-    for t in plan.tensors:
-        m = "" if t.unit_map is None else hashlib.sha256(bytes(t.unit_map)).hexdigest()[:12]
-        tensors[t.name] = f"{t.option}:{m}:{t.bytes}"
+    """What the allocator chose, per tensor: option name, bytes and distortion (6 significant
+    digits). A per-unit map is summarised by its bytes and distortion rather than hashed:
+    units whose options tie to the last bits (equal cost, distortion equal to float
+    rounding) may swap between BLAS builds or thread counts, which is no change of plan."""
+    tensors = {t.name: f"{t.option}:{t.bytes}:{t.distortion:.6g}" for t in plan.tensors}
     return {"total_bytes": int(plan.total_bytes), "tensors": tensors}
 
 

@@ -134,10 +134,29 @@ def test_fit_with_device_clamps_to_model(capsys, tmp_path, tiny_llama_dir):
                             "-o", str(tmp_path / "d"), "--json", *FAST)
     assert code == 0, err
     assert "exceeds the largest plan" in err
-    assert json.loads(stdout)["device_budget"]["device"] == "raspberry-pi-5-4gb"
+    assert json.loads(stdout)["device_budgets"]["packed"]["device"] == "raspberry-pi-5-4gb"
 
 
 def test_opt_fit(capsys, tmp_path, tiny_opt_dir):
     code, stdout, err = run(capsys, "plan", str(tiny_opt_dir), "--budget", "90kB", "--format", "packed",
                             "-o", str(tmp_path / "opt"), "--json", *FAST)
     assert code == 0, err
+
+
+def test_device_budget_charges_each_runtimes_kv_cache(tmp_path, tiny_llama_dir):
+    """llama.cpp allocates its KV cache in f16, this project's ONNX graph in float32:
+    one device, two budgets, differing by exactly the float32 cache's extra bytes."""
+    from cvxq_export.api import fit
+    from cvxq_export.calibrate import CalibrationSettings
+    from cvxq_export.devices import kv_cache_bytes, load_device, model_shape_from_config
+    from cvxq_export.formats.base import FitOptions
+    from cvxq_export.model import load_model
+
+    result = fit(str(tiny_llama_dir), device="raspberry-pi-5-4gb", formats=["packed", "onnx"], output=tmp_path / "o",
+                 context=100_000, options=FitOptions(progress=False), write=False, log=lambda *_: None,
+                 settings=CalibrationSettings(n_windows=2, seq_len=64, n_pcs=8))
+    b = result.device_budgets
+    assert b["onnx"]["kv_dtype"] == "f32" and b["packed"]["kv_dtype"] == load_device("raspberry-pi-5-4gb").kv_cache_dtype
+    shape = model_shape_from_config(load_model(str(tiny_llama_dir)).config)
+    extra = kv_cache_bytes(shape, 100_000, "f32") - kv_cache_bytes(shape, 100_000, b["packed"]["kv_dtype"])
+    assert b["packed"]["weights"] - b["onnx"]["weights"] == extra > 0

@@ -59,6 +59,14 @@ def test_one_fit_writes_every_format_from_one_calibration(capsys, tmp_path, tiny
     assert sum(report["formats"]["onnx"]["bits"]["weights_at_depth"]) == sum(t.rows * t.cols for t in onnx_plan.tensors)
     md = (out / "report.md").read_text()
     assert "## packed" in md and "## onnx" in md and "of the best one" in md
+    # ONNX, written after packed, started from the original weights (restored from the
+    # on-disk snapshot, which is gone): the same file as an ONNX-only fit
+    assert not list(out.glob(".weights-*"))
+    alone = tmp_path / "alone"
+    assert main(["fit", str(tiny_llama_dir), "--budget", "110kB", "--format", "onnx", "-o", str(alone),
+                 "--no-analysis", *FAST]) == 0
+    capsys.readouterr()
+    assert (alone / "model.onnx").read_bytes() == (out / "onnx" / "model.onnx").read_bytes()
     # the ONNX file runs in ONNX Runtime from the command line
     code = main(["run", str(out / "onnx" / "model.onnx"), "the river", "--max-new-tokens", "4", "--json"])
     captured = capsys.readouterr()

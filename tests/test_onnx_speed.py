@@ -148,4 +148,4 @@ def test_cli_rejects_a_negative_decode_speed(capsys, tmp_path, tiny_llama_dir):
 
     code = main(["fit", str(tiny_llama_dir), "--format", "onnx", "--budget", "150kB", "--decode-speed", "-1",
                  "-o", str(tmp_path / "x"), "--windows", "2", "--seq-len", "64", "--n-pcs", "8", "-q"])
-    assert code == 2 and "--decode-speed -1.0 is not a ratio >= 0" in capsys.readouterr().err
+    assert code == 2 and "--decode-speed -1.0 is not a ratio between 0 and 1" in capsys.readouterr().err

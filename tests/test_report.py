@@ -177,7 +177,7 @@ def test_write_report_html_is_self_contained_and_json_holds_the_plot_data(tmp_pa
     device["weights"] = device["usable"] - device["kv_cache"] - device["runtime"]  # as devices.weight_budget computes it
     curve = rd_curve(_random_menu(), 1000, 20_000)
     section = FormatSection("packed", plan, Artifact("packed", str(blob), blob.stat().st_size), curve=curve)
-    md = write_report(tmp_path, [section], model="tiny", device_budget=device, timings={"total_s": 1.0},
+    md = write_report(tmp_path, [section], model="tiny", device_budgets={"packed": device}, timings={"total_s": 1.0},
                       analysis={"packed": result})
     assert md == tmp_path / "report.md"
     doc = check_self_contained_html(tmp_path / "report.html")

@@ -35,7 +35,8 @@ def test_profiles_load():
         p = load_device(name)
         assert p.ram_bytes > p.os_reserved_bytes > 0
         assert p.storage_read_mb_s > 0 and p.decode_mb_s > 0
-        assert p.default_format in ("gguf", "onnx", "packed")
+        # a format some runtime on the device runs (the packed container has no inference kernels)
+        assert p.default_format in ("gguf", "onnx"), f"{name} defaults to {p.default_format}"
         assert p.sources, f"{name} cites no sources"
 
 

@@ -100,6 +100,9 @@ class Format(Protocol):
     name: str  # registry name, e.g. "gguf"
     file_name: str  # the model file it writes inside the output directory
     default_decode_speed: float | None  # --decode-speed when not given (None: no speed model)
+    # The KV cache element type its runtime allocates (a device budget charges that cache);
+    # None: the device profile's kv_cache_dtype (a format with no runtime of its own).
+    kv_cache_dtype: str | None
 
     def check_supported(self, loaded: "LoadedModel", options: FitOptions) -> None:
         """Raise CvxqError (with the fix) when this model or these options cannot be exported."""

@@ -23,6 +23,7 @@ class GGUFFormat:
     # the speed limit's default: at 0.95 the files decode as fast as llama.cpp's presets at
     # 74 MB and faster above on SmolLM2 (docs/benchmarks.md, GGUF speed)
     default_decode_speed = 0.95
+    kv_cache_dtype = "f16"  # llama.cpp's default cache type (--cache-type-k/v f16)
 
     def check_supported(self, loaded, options: FitOptions) -> None:
         if options.scope != "all":

@@ -41,14 +41,14 @@ NIBBLE_HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4, "IQ4_NL": 2, "MXFP4": 1}
 def _block_levels(name: str, raw: np.ndarray) -> np.ndarray:
     """Value of every code 0..15 in each row's block: ``raw`` ``[rows, block bytes]`` -> ``[rows, 16]``.
 
-    Read off libggml's/gguf-py's own dequantizer (a block whose nibbles all hold
-    code c dequantizes to c's value), so no per-type arithmetic is repeated here.
+    Read off libggml's own dequantizer (a block whose nibbles all hold code c
+    dequantizes to c's value), so no per-type arithmetic is repeated here.
     """
     header = NIBBLE_HEADER_BYTES[name]
     probe = np.repeat(raw[:, None, :], 16, axis=1)                      # [rows, 16, block bytes]
     codes = np.arange(16, dtype=np.uint8)
     probe[:, :, header:] = (codes | (codes << 4))[None, :, None]
-    deq = ggml_quant.dequantize_rows(name, probe.reshape(-1, raw.shape[1]), 32)  # [rows * 16, 32]
+    deq = ggml_quant.dequantize_rows_ggml(name, probe.reshape(-1, raw.shape[1]), 32)  # [rows * 16, 32]
     return deq[:, 0].reshape(raw.shape[0], 16)
 
 
@@ -85,14 +85,16 @@ def quantize_rows_feedback(name: str, w: np.ndarray, importance: np.ndarray | No
     if n % chunk:
         raise ValueError(f"{name}: row length {n} is not a multiple of its block {chunk}")
     if order == "natural":
-        return _feedback_left_to_right(name, w, importance, hessian, damp)
+        return _feedback_left_to_right(name, w, importance, inverse_hessian_factor(hessian, damp))
     if order != "energy":
         raise ValueError(f"order must be 'energy' or 'natural', not {order!r}")
     nb = n // chunk
     blocks = np.argsort(-np.diag(hessian).reshape(nb, chunk).sum(1), kind="stable")  # [nb] processing order
     perm = (blocks[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)            # [n] columns in that order
     imp = None if importance is None else importance[..., perm]
-    raw_p, deq_p = _feedback_left_to_right(name, w[:, perm], imp, hessian[np.ix_(perm, perm)], damp)
+    # the factor of the permuted Hessian; q/k/v (gate/up) share the array and so the factor
+    u = inverse_hessian_factor(hessian, damp, order=perm)
+    raw_p, deq_p = _feedback_left_to_right(name, w[:, perm], imp, u)
     raw = np.empty_like(raw_p)                                                          # [rows, row_bytes]
     raw.reshape(rows, nb, -1)[:, blocks] = raw_p.reshape(rows, nb, -1)  # k-th block fixed = original block blocks[k]
     deq = np.empty_like(deq_p)
@@ -100,11 +102,11 @@ def quantize_rows_feedback(name: str, w: np.ndarray, importance: np.ndarray | No
     return raw, deq
 
 
-def _feedback_left_to_right(name: str, w: np.ndarray, importance: np.ndarray | None, hessian: np.ndarray,
-                            damp: float) -> tuple[np.ndarray, np.ndarray]:
+def _feedback_left_to_right(name: str, w: np.ndarray, importance: np.ndarray | None,
+                            u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The walk in column order; ``u`` ``[n, n]``: :func:`inverse_hessian_factor` of the Hessian in that order."""
     rows, n = w.shape
     chunk = _feedback_chunk(name)
-    u = inverse_hessian_factor(hessian, damp)           # [n, n]
     work = np.array(w, dtype=np.float32, copy=True)     # [rows, n], updated in place as blocks are fixed
     raws, deqs = [], []
     for start in range(0, n, chunk):
@@ -127,7 +129,7 @@ def _feedback_left_to_right(name: str, w: np.ndarray, importance: np.ndarray | N
                     e = (x - q) / u[col, col]
                     work[:, col + 1:stop] -= np.outer(e, u[col, col + 1:stop]).astype(np.float32)
             raw = _set_nibbles(name, raw, codes)
-        deq = ggml_quant.dequantize_rows(name, raw, chunk)                       # [rows, chunk]
+        deq = ggml_quant.dequantize_rows_ggml(name, raw, chunk)                  # [rows, chunk]
         raws.append(raw)
         deqs.append(deq)
         if stop < n:

@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 from ...errors import missing_extra
+from ...quantizers import worker_count
 
 
 @lru_cache(maxsize=1)
@@ -94,12 +95,27 @@ def requires_importance(name: str) -> bool:
     return bool(_lib().ggml_quantize_requires_imatrix(type_id(name)))
 
 
+# Rows quantized per worker task: below this many weights a call is too short for a
+# second thread to pay for its hand-off.
+_MIN_TASK_WEIGHTS = 1 << 14
+
+
+@lru_cache(maxsize=1)
+def _pool():
+    """Threads for libggml calls: ``ggml_quantize_chunk`` is thread-safe (llama.cpp's
+    quantizer runs it on many threads) and ctypes releases the GIL during the call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix="ggml-quant")
+
+
 def quantize_rows(name: str, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """Quantize ``w`` ``[rows, n]`` float32 to ggml type ``name`` -> ``[rows, row_bytes]`` uint8.
 
     ``importance`` is ``[rows, n]`` (per-weight, e.g. CVXQ G^2) or ``[n]`` (shared by
     all rows, like llama.cpp's imatrix) or None. Rows with distinct importance are
-    quantized one call per row.
+    quantized one call per row. Large tensors are split by rows over :func:`worker_count`
+    threads (each row's bytes depend on that row alone, so the result is the same).
     """
     if name in ("F32", "F16", "BF16"):
         raise ValueError("float types are not block-quantized")
@@ -107,20 +123,32 @@ def quantize_rows(name: str, w: np.ndarray, importance: np.ndarray | None = None
         return quantize_rows_q2_0(w, importance)
     lib = _lib()
     tid = type_id(name)
-    lib.ggml_quantize_init(tid)
+    lib.ggml_quantize_init(tid)  # builds the IQ grids once, before any worker uses them
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, n = w.shape
     rb = row_bytes(name, n)
     out = np.zeros((rows, rb), dtype=np.uint8)
-    if importance is None or importance.ndim == 1:
-        imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-        written = lib.ggml_quantize_chunk(tid, w.ctypes.data, out.ctypes.data, 0, rows, n,
-                                          None if imp is None else imp.ctypes.data)
-        assert written == rows * rb
+    per_row = importance is not None and importance.ndim == 2
+    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    quantize = lib.ggml_quantize_chunk
+    w_at, out_at, imp_at = w.ctypes.data, out.ctypes.data, None if imp is None else imp.ctypes.data
+    row_in = n * 4  # bytes of one float32 input row (and of one importance row)
+
+    def run(lo: int, hi: int) -> None:
+        if not per_row:  # one call: the rows share the importance vector (or have none)
+            written = quantize(tid, w_at + lo * row_in, out_at + lo * rb, 0, hi - lo, n, imp_at)
+            assert written == (hi - lo) * rb
+            return
+        for r in range(lo, hi):  # pointers by arithmetic: no array views or ctypes objects per row
+            quantize(tid, w_at + r * row_in, out_at + r * rb, 0, 1, n, imp_at + r * row_in)
+
+    workers = min(worker_count(), rows * n // _MIN_TASK_WEIGHTS)
+    if workers <= 1:
+        run(0, rows)
         return out
-    imp = np.ascontiguousarray(importance, dtype=np.float32)
-    for r in range(rows):
-        lib.ggml_quantize_chunk(tid, w[r].ctypes.data, out[r].ctypes.data, 0, 1, n, imp[r].ctypes.data)
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+    for f in [_pool().submit(run, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        f.result()
     return out
 
 
@@ -143,24 +171,32 @@ class _TypeTraits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def ggml_traits(name: str) -> tuple[int, int]:
-    """(block size, bytes per block) as libggml reports them."""
+def _traits(name: str) -> _TypeTraits:
     lib = _lib()
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    t = lib.ggml_get_type_traits(type_id(name)).contents
+    return lib.ggml_get_type_traits(type_id(name)).contents
+
+
+def ggml_traits(name: str) -> tuple[int, int]:
+    """(block size, bytes per block) as libggml reports them."""
+    t = _traits(name)
     return int(t.blck_size), int(t.type_size)
 
 
-def dequantize_rows_ggml(name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
-    """libggml's reference dequantizer (the code llama.cpp runs) for any type."""
-    lib = _lib()
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    traits = lib.ggml_get_type_traits(type_id(name)).contents
+@lru_cache(maxsize=None)
+def _to_float(name: str):
+    traits = _traits(name)
     if not traits.to_float:
         raise ValueError(f"libggml has no dequantizer for {name}")
-    to_float = _TO_FLOAT(traits.to_float)
+    return _TO_FLOAT(traits.to_float)
+
+
+def dequantize_rows_ggml(name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
+    """libggml's reference dequantizer (the code llama.cpp runs) for any type: one C call,
+    where gguf-py's NumPy code loops over groups of 16 rows (the read-back checks that the two
+    agree bit for bit, so the menu and the feedback may use either)."""
+    to_float = _to_float(name)
     data = np.ascontiguousarray(data, dtype=np.uint8)
     out = np.empty((data.shape[0], n_per_row), dtype=np.float32)
     to_float(data.ctypes.data, out.ctypes.data, out.size)

@@ -4,8 +4,8 @@
 Two sources:
 
 * a GGUF model: everything is copied from it;
-* a Hugging Face directory: hyperparameters come from ``config.json`` the way
-  llama.cpp's ``convert_hf_to_gguf.py`` writes them for the Llama family, and
+* a Hugging Face directory: hyperparameters come from ``config.json`` as
+  llama.cpp reads them (:mod:`.hparams`, per architecture), and
   the tokenizer from ``tokenizer.json`` (byte-level BPE, llama.cpp's ``gpt2``
   tokenizer model). llama.cpp also needs a *pre-tokenizer* name, which its
   converter picks from a hash table we do not have; instead we try llama.cpp's
@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from ...architectures import CONVERT_HINT, architecture_of
 from ...errors import CvxqError
 from ...model import LoadedModel
 
 # llama.cpp's token types
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 # Pre-tokenizer names llama.cpp knows for byte-level BPE models, most generic first.
-PRE_CANDIDATES = ("gpt-2", "smollm", "llama-bpe", "qwen2", "default")
+PRE_CANDIDATES = ("gpt-2", "smollm", "llama-bpe", "qwen2", "gpt-4o", "default")
 TOKENIZER_TEST_TEXT = ("Hello world! It's 2026: 12345 apples, 3.14 pies.\n\n  Indented\tline — ünïcödé, "
                        "emoji 🙂, CamelCaseWord and snake_case_word; x=y+1 'quoted' \"double\"   spaces.")
 
@@ -68,10 +69,6 @@ def _gguf():
     return gguf
 
 
-def gguf_arch(model_type: str) -> str:
-    return {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}.get(model_type, "llama")
-
-
 def skeleton_from_gguf(loaded: LoadedModel, quantized_names: set[str]) -> GGUFSkeleton:
     """``quantized_names``: GGUF names of the matrices we write ourselves."""
     gguf = _gguf()
@@ -91,52 +88,6 @@ def skeleton_from_gguf(loaded: LoadedModel, quantized_names: set[str]) -> GGUFSk
     return GGUFSkeleton(arch, kv, floats, permute_qk=arch == "llama")
 
 
-def _rope_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta or getattr(cfg, "rope_theta", None) or 10000.0)
-
-
-def _rope_scaling(cfg) -> dict | None:
-    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or params.get("type") if isinstance(params, dict) else None
-    if kind in (None, "default"):
-        return None
-    if kind == "linear":
-        return {"type": "linear", "factor": float(params["factor"])}
-    raise CvxqError(f"rope scaling '{kind}' is not supported by the GGUF writer yet",
-                    "convert with llama.cpp's convert_hf_to_gguf.py and pass the .gguf as the model")
-
-
-def hyperparameter_kv(loaded: LoadedModel, arch: str) -> list[KV]:
-    gguf = _gguf()
-    cfg = loaded.config
-    T = gguf.GGUFValueType
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    kv = [
-        KV("general.name", os.path.basename(os.path.normpath(loaded.source.path)), T.STRING),
-        KV(f"{arch}.context_length", int(cfg.max_position_embeddings), T.UINT32),
-        KV(f"{arch}.embedding_length", int(cfg.hidden_size), T.UINT32),
-        KV(f"{arch}.block_count", int(cfg.num_hidden_layers), T.UINT32),
-        KV(f"{arch}.feed_forward_length", int(cfg.intermediate_size), T.UINT32),
-        KV(f"{arch}.rope.dimension_count", int(head_dim), T.UINT32),
-        KV(f"{arch}.attention.head_count", int(heads), T.UINT32),
-        KV(f"{arch}.attention.head_count_kv", int(getattr(cfg, "num_key_value_heads", None) or heads), T.UINT32),
-        KV(f"{arch}.attention.layer_norm_rms_epsilon", float(cfg.rms_norm_eps), T.FLOAT32),
-        KV(f"{arch}.rope.freq_base", _rope_theta(cfg), T.FLOAT32),
-        KV(f"{arch}.vocab_size", int(cfg.vocab_size), T.UINT32),
-    ]
-    if head_dim * heads != cfg.hidden_size:
-        kv += [KV(f"{arch}.attention.key_length", int(head_dim), T.UINT32),
-               KV(f"{arch}.attention.value_length", int(head_dim), T.UINT32)]
-    scaling = _rope_scaling(cfg)
-    if scaling:
-        kv += [KV(f"{arch}.rope.scaling.type", scaling["type"], T.STRING),
-               KV(f"{arch}.rope.scaling.factor", scaling["factor"], T.FLOAT32)]
-    return kv
-
-
 def tokenizer_kv(tokenizer, vocab_size: int, pre: str) -> list[KV]:
     """llama.cpp's ``gpt2`` (byte-level BPE) tokenizer from a HF fast tokenizer."""
     gguf = _gguf()
@@ -144,13 +95,13 @@ def tokenizer_kv(tokenizer, vocab_size: int, pre: str) -> list[KV]:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         raise CvxqError("the model's tokenizer has no tokenizer.json (fast tokenizer)",
-                        "convert with llama.cpp's convert_hf_to_gguf.py and pass the .gguf as the model")
+                        CONVERT_HINT)
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise CvxqError(f"only byte-level BPE tokenizers are converted to GGUF (this one is {model.get('type')} with "
                         f"pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')})",
-                        "convert with llama.cpp's convert_hf_to_gguf.py and pass the .gguf as the model")
+                        CONVERT_HINT)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, t in added.items():
@@ -218,35 +169,39 @@ def choose_pre_tokenizer(loaded: LoadedModel, arch: str, hparams: list[KV]) -> t
                 return pre, f"llama.cpp tokenizes the test text exactly like Hugging Face with pre='{pre}'"
             tried.append(f"{pre}: differs")
     raise CvxqError("no llama.cpp pre-tokenizer reproduces this tokenizer (" + "; ".join(tried) + ")",
-                    "convert with llama.cpp's convert_hf_to_gguf.py and pass the .gguf as the model")
+                    CONVERT_HINT)
 
 
 def skeleton_from_hf(loaded: LoadedModel) -> GGUFSkeleton:
-    gguf = _gguf()
-    arch = gguf_arch(loaded.model_type)
-    hparams = hyperparameter_kv(loaded, arch)
-    pre, verified = choose_pre_tokenizer(loaded, arch, hparams)
+    from .hparams import hyperparameters, model_name
+    from .layout import layout_for, tensor_name_map
+
+    layout = layout_for(loaded)
+    arch = architecture_of(loaded.model_type)
+    hparams, extra = hyperparameters(loaded.config, arch, model_name(loaded.source.path))
+    pre, verified = choose_pre_tokenizer(loaded, layout.arch, hparams)
     kv = hparams + tokenizer_kv(loaded.tokenizer, loaded.config.vocab_size, pre)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
-                                    loaded.config.num_hidden_layers)
+    tmap = tensor_name_map(layout.arch, loaded.config.num_hidden_layers)
     skip = {ref.name for ref in loaded.weights}  # the matrices we quantize and write ourselves
     for ref in loaded.weights:
         skip.update(ref.also)
-    floats: dict[str, np.ndarray] = {}
-    permute = arch == "llama"
+    floats: dict[str, np.ndarray] = dict(extra)
     cfg = loaded.config
     for name, param in loaded.model.named_parameters():
         if name in skip:
             continue
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise CvxqError(f"no GGUF name for parameter {name}", "this architecture's tensor layout is not supported for GGUF")
+            raise CvxqError(f"gguf-py's '{layout.arch}' tensor table has no name for parameter {name}",
+                            CONVERT_HINT)
         data = param.detach().float().cpu().numpy()
-        if permute and gname.endswith(("attn_q.bias", "attn_k.bias")):
+        if layout.permute_qk and gname.endswith(("attn_q.bias", "attn_k.bias")):
             heads = cfg.num_attention_heads if "attn_q" in gname else (cfg.num_key_value_heads or cfg.num_attention_heads)
             data = permute_for_llama_cpp(data[:, None], heads)[:, 0]
+        if layout.norm_offset and "norm" in gname.split(".")[-2]:
+            data = data + np.float32(layout.norm_offset)  # Gemma: x * (1 + w) in HF, x * w' in llama.cpp
         floats[gname] = np.ascontiguousarray(data)
-    return GGUFSkeleton(arch, kv, floats, permute, notes=[f"tokenizer: {verified}"])
+    return GGUFSkeleton(layout.arch, kv, floats, layout.permute_qk, notes=[f"tokenizer: {verified}"])
 
 
 def skeleton_for(loaded: LoadedModel, quantized_names: set[str]) -> GGUFSkeleton:

@@ -18,11 +18,12 @@ from ...allocate import Menu, allocate, cost_range
 from ...errors import CvxqError, InfeasibleBudget, missing_extra
 from ...io import atomic_path
 from ...local_search import fastest_plan, lagrangian_scales, search_two_limits
-from ...model import LLAMA_FAMILY, LoadedModel, WeightRef
+from ...model import LoadedModel, WeightRef
 from ...plan import Plan, TensorPlan
 from . import ggml_feedback
 from . import ggml_quant
-from .meta import GGUFSkeleton, gguf_arch, permute_for_llama_cpp, skeleton_for, unpermute
+from .layout import layout_for
+from .meta import GGUFSkeleton, permute_for_llama_cpp, skeleton_for, unpermute
 
 # Block types offered, coarse to fine. 256-blocks only where the row allows.
 # MXFP4 (4.25 bits/weight) and Q2_0 (2.25, 64-blocks) are the only types below
@@ -62,33 +63,13 @@ def aligned(n: int) -> int:
 
 
 def gguf_name_map(loaded: LoadedModel) -> dict[str, str]:
-    """HF parameter name -> GGUF tensor name for our quantizable weights."""
-    gguf = _gguf()
-    if loaded.model_type not in LLAMA_FAMILY:
-        raise CvxqError(f"GGUF export supports the Llama family ({', '.join(sorted(LLAMA_FAMILY))}), not '{loaded.model_type}'",
-                        "use --format onnx or packed for this model")
-    arch = gguf.MODEL_ARCH.QWEN2 if gguf_arch(loaded.model_type) == "qwen2" else gguf.MODEL_ARCH.LLAMA
-    tmap = gguf.get_tensor_name_map(arch, loaded.config.num_hidden_layers)
-    out = {}
-    for ref in loaded.weights:
-        name = tmap.get_name(ref.name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise CvxqError(f"no GGUF name for tensor {ref.name}", "this architecture's tensor layout is not supported for GGUF")
-        out[ref.name] = name
-    return out
+    """HF parameter name -> GGUF tensor name for our quantizable weights (gguf-py's tables)."""
+    return layout_for(loaded).names
 
 
 def _head_count(loaded: LoadedModel, gguf_name: str) -> int | None:
-    """Heads of a Q/K matrix whose rows llama.cpp wants interleaved (llama arch
-    only: qwen2 uses NEOX-style rope on the HF layout)."""
-    if gguf_arch(loaded.model_type) != "llama":
-        return None
-    cfg = loaded.config
-    if gguf_name.endswith("attn_q.weight"):
-        return cfg.num_attention_heads
-    if gguf_name.endswith("attn_k.weight"):
-        return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return None
+    """Heads of a Q/K matrix whose rows llama.cpp wants interleaved, else None."""
+    return layout_for(loaded).heads(loaded, gguf_name)
 
 
 # Projections whose optional ``.bias`` tensor llama.cpp's loader accepts, per GGUF
@@ -106,7 +87,7 @@ def bias_name(gguf_name: str) -> str:
 def new_bias_names(loaded: LoadedModel) -> dict[str, str]:
     """HF weight name -> GGUF bias name, for the weights that have no bias in the source
     but may get one (bias correction) because llama.cpp loads it for this architecture."""
-    allowed = OPTIONAL_BIASES.get(gguf_arch(loaded.model_type), ())
+    allowed = OPTIONAL_BIASES.get(layout_for(loaded).arch, ())
     existing = gguf_skeleton(loaded).float_tensors
     out = {}
     for hf_name, gname in gguf_name_map(loaded).items():
@@ -164,7 +145,8 @@ def quantize_dequantize(type_name: str, t: GGUFTensorInput) -> tuple[np.ndarray 
     if type_name == "F16":
         return None, t.weight.astype(np.float16).astype(np.float32)
     raw = ggml_quant.quantize_rows(type_name, t.weight, t.importance)
-    return raw, ggml_quant.dequantize_rows(type_name, raw, t.ref.cols)
+    # libggml's dequantizer: one C call (the read-back checks gguf-py's NumPy one gives the same values)
+    return raw, ggml_quant.dequantize_rows_ggml(type_name, raw, t.ref.cols)
 
 
 @dataclass
@@ -458,16 +440,26 @@ def _write_file(loaded: LoadedModel, inputs: list[GGUFTensorInput], types: dict[
     floats = dict(skeleton.float_tensors)  # norms etc. (and source biases, corrected below)
     dequantized: dict[str, np.ndarray] = {}
     written_biases: dict[str, tuple[str, np.ndarray]] = {}
-    with atomic_path(path) as tmp:
+    def quantize(t: GGUFTensorInput) -> tuple[np.ndarray | None, np.ndarray]:
+        type_name = types[t.ref.name]
+        hessian = None if hessians is None else hessians.get(t.ref.name)
+        if hessian is not None and type_name not in FLOAT_TYPES:
+            return ggml_feedback.quantize_rows_feedback(type_name, t.weight, t.importance, hessian)
+        return quantize_dequantize(type_name, t)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ...quantizers import worker_count
+
+    with atomic_path(path) as tmp, ThreadPoolExecutor(max_workers=worker_count()) as pool:
         writer = gguf.GGUFWriter(str(tmp), skeleton.arch)
         add_metadata(writer, skeleton, extra)
-        for t in tqdm(inputs, desc="write gguf", unit="tensor", disable=not progress):
+        # tensors are quantized a core each (libggml and NumPy release the GIL; each tensor's
+        # result depends on that tensor alone) and added to the file in order
+        jobs = [pool.submit(quantize, t) for t in inputs]
+        for t, job in tqdm(zip(inputs, jobs), total=len(inputs), desc="write gguf", unit="tensor", disable=not progress):
             type_name = types[t.ref.name]
-            hessian = None if hessians is None else hessians.get(t.ref.name)
-            if hessian is not None and type_name not in FLOAT_TYPES:
-                raw, deq = ggml_feedback.quantize_rows_feedback(type_name, t.weight, t.importance, hessian)
-            else:
-                raw, deq = quantize_dequantize(type_name, t)
+            raw, deq = job.result()
             dequantized[t.ref.name] = unpermute(deq, t.heads) if t.heads else deq
             add_tensor_data(writer, t, type_name, raw)
             if biases and t.ref.name in biases:
@@ -565,7 +557,7 @@ def set_torch_weights(loaded: LoadedModel, result: GGUFResult, inputs: list[GGUF
 
 
 def bias_note(result: GGUFResult, bias_correction: bool, loaded: LoadedModel) -> str:
-    arch = gguf_arch(loaded.model_type)
+    arch = layout_for(loaded).arch
     if not bias_correction:
         where = ("llama.cpp loads optional biases on this architecture's projections" if arch in OPTIONAL_BIASES
                  else "only the source's own biases could be corrected on this architecture")

@@ -35,24 +35,33 @@ class Segment:
     columns: np.ndarray  # [K_d] original input column indices, in the order the graph reads them
 
 
-def _round_column(x: torch.Tensor, option: QdqOption, fit: QBlocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [N] and values [N] of column ``x`` [N] on the block grid ``fit`` (one block per
-    row), with exactly the arithmetic of :mod:`onnx_qdq`'s quantizers."""
+def _column_grid(option: QdqOption, fit: QBlocks) -> tuple[np.ndarray, ...]:
+    """The block grid ``fit`` (one block per row) as float32 NumPy vectors ``[N]``:
+    (scale, safe divisor, zero point or offset)."""
+    sf = fit.scale.float().numpy()
+    safe = np.where(sf > 0, sf, np.float32(1.0))
+    if option.kind == "asym":
+        return sf, safe, fit.zero.float().numpy()
+    if option.kind == "offset":
+        return sf, safe, fit.offset.float().numpy()
+    return sf, safe, None
+
+
+def _round_column(x: np.ndarray, option: QdqOption, grid: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Codes [N] and values [N] of column ``x`` [N] on the block grid, with exactly the
+    float32 arithmetic of :mod:`onnx_qdq`'s quantizers (NumPy: a column is a few hundred
+    values, where NumPy's per-call cost is a third of torch's)."""
     bits = option.bits
-    sf = fit.scale.float()
-    safe = torch.where(sf > 0, sf, torch.ones_like(sf))
+    sf, safe, extra = grid
     if option.kind == "sym":
-        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        q = torch.clamp(torch.round(x / safe), qmin, qmax)
+        q = np.clip(np.round(x / safe), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         return q, q * sf
     levels = (1 << bits) - 1
     if option.kind == "asym":
-        z = fit.zero.float()
-        q = torch.clamp(torch.round(x / safe) + z, 0, levels)
-        return q, (q - z) * sf
-    o = fit.offset.float()
-    q = torch.clamp(torch.round((x - o) / safe), 0, levels)
-    return q, o + q * sf
+        q = np.clip(np.round(x / safe) + extra, 0, levels)
+        return q, (q - extra) * sf
+    q = np.clip(np.round((x - extra) / safe), 0, levels)
+    return q, extra + q * sf
 
 
 def quantize_with_feedback(w: torch.Tensor, imp: torch.Tensor, hessian: np.ndarray, segments: list[Segment],
@@ -68,11 +77,15 @@ def quantize_with_feedback(w: torch.Tensor, imp: torch.Tensor, hessian: np.ndarr
     if sorted(order.tolist()) != list(range(k)):
         raise ValueError("segments must cover every input column exactly once")
     idx = torch.from_numpy(order)
-    h = np.asarray(hessian, dtype=np.float64)[np.ix_(order, order)]
-    u = torch.from_numpy(inverse_hessian_factor(h, damp)).float()  # [K, K], in processing order
-    work = w[:, idx].clone()  # [N, K] in processing order, updated as columns are fixed
+    u = torch.from_numpy(inverse_hessian_factor(hessian, damp, order=order).astype(np.float32))  # [K, K], processing order
+    u_np = u.numpy()
+    # [K, N]: the weights in processing order, transposed so a column is contiguous; updated
+    # as columns are fixed (NumPy for the per-column steps, torch, on the same memory, for
+    # the batch update's matmul)
+    work_t = w[:, idx].t().contiguous()
+    work = work_t.numpy()
     imp_p = imp[:, idx]
-    deq = torch.zeros(n, k)
+    deq = np.zeros((k, n), dtype=np.float32)   # [K, N], processing order
     out: list[QBlocks | None] = []
     pos = 0
     for seg in segments:
@@ -80,43 +93,46 @@ def quantize_with_feedback(w: torch.Tensor, imp: torch.Tensor, hessian: np.ndarr
         o = seg.option
         block = o.block if o.kind != "zero" else math.gcd(kd, 64)  # zero: any block; 64 keeps updates batched
         nb = kd // block
-        codes = torch.zeros(n, kd, dtype=torch.int16)
+        codes = np.zeros((kd, n), dtype=np.int16)  # [K_d, N]
         scale = torch.zeros(n, nb, dtype=torch.float16)
         zero = torch.zeros(n, nb, dtype=torch.int16) if o.kind == "asym" else None
         offset = torch.zeros(n, nb, dtype=torch.float16) if o.kind == "offset" else None
         for bi in range(nb):
             a, b = pos + bi * block, pos + (bi + 1) * block
-            fit = None
+            grid = None
             if o.kind != "zero":
-                fit = quantize_blocks(work[:, a:b].contiguous(), o, imp_p[:, a:b].contiguous())  # one block per row
+                fit = quantize_blocks(work_t[a:b].t().contiguous(), o, imp_p[:, a:b].contiguous())  # one block per row
                 scale[:, bi] = fit.scale
                 if zero is not None:
                     zero[:, bi] = fit.zero
                 if offset is not None:
                     offset[:, bi] = fit.offset
-            errs = torch.empty(n, b - a)
+                grid = _column_grid(o, fit)
+            errs = torch.empty(n, b - a)  # [N, block], as the batch update's matmul has always read it
+            errs_np = errs.numpy()
             for j in range(a, b):
-                x = work[:, j]
-                if fit is None:
-                    q, v = torch.zeros(n), torch.zeros(n)
+                x = work[j]
+                if grid is None:
+                    q, v = 0, np.float32(0.0)
                 else:
-                    q, v = _round_column(x, o, fit)
-                codes[:, j - pos] = q.to(torch.int16)
-                deq[:, j] = v
-                e = (x - v) / u[j, j]
-                errs[:, j - a] = e
+                    q, v = _round_column(x, o, grid)
+                codes[j - pos] = q
+                deq[j] = v
+                e = (x - deq[j]) / u_np[j, j]
+                errs_np[:, j - a] = e
                 if j + 1 < b:
-                    work[:, j + 1:b] -= e[:, None] * u[j, j + 1:b][None, :]
+                    work[j + 1:b] -= u_np[j, j + 1:b, None] * e[None, :]
             if b < k:
-                work[:, b:] -= errs @ u[a:b, b:]  # [N, block] @ [block, rest]: the lazy batch update
+                work_t[b:] -= (errs @ u[a:b, b:]).t()  # [N, block] @ [block, rest]: the lazy batch update
         if o.kind == "zero":
             out.append(None)
         else:
-            blocks_deq = deq[:, pos:pos + kd].reshape(n * nb, block)
-            out.append(QBlocks(codes.reshape(n * nb, block), scale.reshape(-1),
+            seg_deq = torch.from_numpy(np.ascontiguousarray(deq[pos:pos + kd].T))   # [N, K_d]
+            seg_codes = torch.from_numpy(np.ascontiguousarray(codes.T))            # [N, K_d]
+            out.append(QBlocks(seg_codes.reshape(n * nb, block), scale.reshape(-1),
                                None if zero is None else zero.reshape(-1),
-                               None if offset is None else offset.reshape(-1), blocks_deq))
+                               None if offset is None else offset.reshape(-1), seg_deq.reshape(n * nb, block)))
         pos += kd
     result = torch.zeros(n, k)
-    result[:, idx] = deq
+    result[:, idx] = torch.from_numpy(np.ascontiguousarray(deq.T))
     return result, out

@@ -23,6 +23,7 @@ class OnnxFormat:
     file_name = target.MODEL_FILE
     # decode at least 0.9 x as fast as ONNX Runtime's own 4-bit RTN file of about the same size
     default_decode_speed = 0.9
+    kv_cache_dtype = "f32"  # the graph's past_key_values / present tensors are float32
 
     def check_supported(self, loaded, options: FitOptions) -> None:
         if options.scope != "all":

@@ -35,7 +35,7 @@ import torch
 from ...allocate import Menu
 from ...errors import CvxqError
 from ...model import LoadedModel, WeightRef
-from ...quantizers import CLIP_GRID, LOW_BIT_CLIP_GRID, quantize_uniform
+from ...quantizers import CLIP_GRID, LOW_BIT_CLIP_GRID, quantize_uniform, worker_count
 
 KINDS = ("zero", "sym", "asym", "offset")
 BITS = (2, 4, 8)
@@ -351,27 +351,37 @@ def build_menu(loaded: LoadedModel, sens, refs: list[WeightRef], *, col_group: i
     dist = np.zeros(cost.shape, dtype=np.float64)
     work = sum(t.ref.numel * len(t.legal) for t in layout)
     bar = tqdm(total=work, desc="onnx menu", unit="w", unit_scale=True, disable=not progress)
-    with torch.no_grad(), single_thread():
+
+    def option_error(w: torch.Tensor, imp: torch.Tensor, t: QdqTensorUnits, o: QdqOption) -> np.ndarray:
+        """``[n_units]`` weighted squared error of tensor ``w`` ``[N, K]`` at option ``o``."""
+        n, k = w.shape
+        # row chunks of ~1M weights keep each pass of the clip search in cache (2-3x faster
+        # than streaming a whole 28M-weight embedding through memory per candidate)
+        step = max(1, CHUNK_WEIGHTS // k)
+        err = torch.zeros(t.n_units, dtype=torch.float64)
+        for r0 in range(0, n, step):
+            wc, ic = w[r0:r0 + step], imp[r0:r0 + step]  # [r, K]
+            if o.kind == "zero":
+                e = ic * wc * wc
+            else:
+                q = quantize_blocks(block_view(wc, o.block), o, block_view(ic, o.block))
+                e = (q.dequant.reshape(wc.shape) - wc) ** 2 * ic  # [r, K]
+            err += e.reshape(-1, t.n_units, t.group).sum((0, 2)).double()
+        return err.numpy()
+
+    # One option of one tensor per task, on single-threaded torch: each core runs its own
+    # clip searches (torch releases the GIL inside its kernels); the errors are the same
+    # whichever thread computes them.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with torch.no_grad(), single_thread(), ThreadPoolExecutor(max_workers=worker_count()) as pool:
         for t in layout:
             w = loaded.weight_tensor(t.ref).detach().float().cpu()  # [N, K]
             imp = importance_matrix(sens, t.ref)  # [N, K]
-            n, k = w.shape
             rows = slice(t.start, t.start + t.n_units)
-            # row chunks of ~1M weights keep each pass of the clip search in cache (2-3x faster
-            # than streaming a whole 28M-weight embedding through memory per candidate)
-            step = max(1, CHUNK_WEIGHTS // k)
-            for j in t.legal:
-                o = OPTIONS[j]
-                err = torch.zeros(t.n_units, dtype=torch.float64)
-                for r0 in range(0, n, step):
-                    wc, ic = w[r0:r0 + step], imp[r0:r0 + step]  # [r, K]
-                    if o.kind == "zero":
-                        e = ic * wc * wc
-                    else:
-                        q = quantize_blocks(block_view(wc, o.block), o, block_view(ic, o.block))
-                        e = (q.dequant.reshape(wc.shape) - wc) ** 2 * ic  # [r, K]
-                    err += e.reshape(-1, t.n_units, t.group).sum((0, 2)).double()
-                dist[rows, j] = err.numpy()
+            futures = {j: pool.submit(option_error, w, imp, t, OPTIONS[j]) for j in t.legal}
+            for j, f in futures.items():
+                dist[rows, j] = f.result()
                 bar.update(t.ref.numel)
     bar.close()
     return QdqMenu(layout, Menu(cost, dist, legal, unit="bits"))

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...allocate import Menu, allocate, cost_range, smallest_multiplier
+from ...architectures import onnx_list
 from ...errors import CvxqError, InfeasibleBudget, missing_extra
 from ...io import atomic_path
 from ...model import LoadedModel, WeightRef
@@ -48,7 +49,7 @@ from .qdq import (DEFAULT_COL_GROUP, OPTION_INDEX, OPTIONS, ZERO, QdqMenu, QdqOp
 if TYPE_CHECKING:
     from .graph import QdqEmbedding, QdqLinear
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = tuple(onnx_list())  # architectures.py: the ONNX column of the table
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "cvxq_onnx_config.json"
 INIT_SLACK = 16  # bytes per initializer: dims and length varints of the real tensors vs the skeleton's

@@ -1034,11 +1034,14 @@ def plan_packed(loaded, sens, budget: int, *, scope: str = "all", geometry=None,
 
 
 def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True, bias_correction: bool = True,
-                  qtensors: dict | None = None, save_tokenizer: bool = True, hessians: dict | None = None) -> dict:
+                  qtensors: dict | None = None, save_tokenizer: bool = True, hessians: dict | None = None,
+                  load_into_model: bool = False) -> dict:
     """Quantize under ``plan`` and write ``OUT/model.cvxq.safetensors`` (plus
     config.json and the tokenizer), then read the file back with the NumPy
     reader and check every weight and bias bit for bit against the in-memory
-    quantization and the file size on disk against the budget."""
+    quantization and the file size on disk against the budget. With
+    ``load_into_model`` the weights read back also go into ``loaded.model``
+    (what :func:`load_packed_into_model` does, from the same single read)."""
     from ...io import write_text
     from ...pipeline import quantize_plan
 
@@ -1052,33 +1055,41 @@ def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True,
     write_text(out / "config.json", loaded.config.to_json_string())
     if save_tokenizer and loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(out))
-    info.update(verify_packed(path, qtensors, biases, budget=plan.budget_bytes))
+    info.update(verify_packed(path, qtensors, biases, budget=plan.budget_bytes,
+                              load_into=loaded if load_into_model else None))
     info["bias_corrected"] = sorted(biases)
     # the tensors quantize_plan fed back: those with a Hessian and single-column units
     info["error_feedback"] = sorted(n for n, qt in qtensors.items() if hessians and n in hessians and qt.col_group == 1)
     return info
 
 
-def verify_packed(path: str | Path, qtensors: dict, biases: dict | None = None, *, budget: int | None = None) -> dict:
+def verify_packed(path: str | Path, qtensors: dict, biases: dict | None = None, *, budget: int | None = None,
+                  load_into=None) -> dict:
     """Read ``path`` back with the NumPy reader: every weight must equal the
     in-memory ``dequant`` bit for bit, every bias its float16 rounding, and the
-    file on disk must fit ``budget``. Raises CvxqError otherwise."""
+    file on disk must fit ``budget``. Raises CvxqError otherwise. ``load_into``
+    (a LoadedModel): also put the file's weights into its model, as
+    :func:`load_packed_into_model` does, decoding each tensor once for both."""
     size = os.path.getsize(path)
     if budget is not None and size > budget:
         raise CvxqError(f"{path} takes {size:,} bytes on disk, over the budget of {budget:,}", "re-plan with a smaller budget")
     mismatched = []
     with read_packed(path) as pf:
+        decoded: dict[str, np.ndarray] = {}
         for name, qt in qtensors.items():
             got = pf.weight(name)
             want = _to_numpy(qt.dequant).astype(np.float32)
             if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
                 mismatched.append(name)
+            decoded[name] = got
         for name, b in (biases or {}).items():
             if not np.array_equal(pf.bias(name), _as_f16(name, b).reshape(-1)):
                 mismatched.append(f"{name}.bias")
-    if mismatched:
-        raise CvxqError(f"{path}: read-back differs from the quantized model for {len(mismatched)} tensors "
-                        f"({', '.join(mismatched[:3])})", "this is a bug in the packed writer or reader; please report it")
+        if mismatched:
+            raise CvxqError(f"{path}: read-back differs from the quantized model for {len(mismatched)} tensors "
+                            f"({', '.join(mismatched[:3])})", "this is a bug in the packed writer or reader; please report it")
+        if load_into is not None:
+            _put_into_model(pf, path, load_into, decoded=decoded)
     return {"verified": True, "verified_tensors": len(qtensors), "file_bytes_on_disk": size}
 
 
@@ -1087,6 +1098,14 @@ def load_packed_into_model(path: str | Path, loaded, *, strict: bool = True) -> 
     tensors dequantized (transposed back for Conv1D, copied to tied names),
     corrected biases, unquantized tensors. With ``strict``, every parameter
     of the model must come from the file. Returns the (closed) PackedFile."""
+    with read_packed(path) as pf:
+        _put_into_model(pf, path, loaded, strict=strict)
+    return pf
+
+
+def _put_into_model(pf: PackedFile, path, loaded, *, strict: bool = True,
+                    decoded: dict[str, np.ndarray] | None = None) -> None:
+    """:func:`load_packed_into_model` on an open file; ``decoded``: weights already decoded from it."""
     import torch
 
     model = loaded.model
@@ -1105,9 +1124,10 @@ def load_packed_into_model(path: str | Path, loaded, *, strict: bool = True) -> 
         done.add(id(p))
 
     done: set[int] = set()
-    with read_packed(path) as pf, torch.no_grad():
+    decoded = decoded or {}
+    with torch.no_grad():
         for name, t in pf.tensors.items():
-            w = pf.weight(name)
+            w = decoded[name] if name in decoded else pf.weight(name)
             if t.transposed:
                 w = w.T
             for n in (name, *t.also):
@@ -1121,7 +1141,6 @@ def load_packed_into_model(path: str | Path, loaded, *, strict: bool = True) -> 
         if missing:
             raise CvxqError(f"{path} does not hold {len(missing)} parameters of the model ({', '.join(missing[:3])})",
                             "load the file into the model it was exported from")
-    return pf
 
 
 def write_compressed_packed(src: str | Path, dst: str | Path | None = None, *, codec: str = "zstd-3",

@@ -20,6 +20,7 @@ class PackedFormat:
     name = "packed"
     file_name = container.FILE_NAME
     default_decode_speed = None  # no runtime kernels to time: the plan minimises distortion only
+    kv_cache_dtype = None  # the runtime that reads it is the user's: the device profile's cache type
 
     def check_supported(self, loaded, options: FitOptions) -> None:
         from ...pipeline import select_weights
@@ -65,10 +66,10 @@ class PackedFormat:
 
     def write(self, ctx: FitContext, plan: Plan, menu: FormatMenu | None, out_dir: Path) -> Written:
         t0 = time.perf_counter()
+        # the model holds the weights as read back from the file (what evaluating it evaluates):
+        # the read-back that verifies the file also loads it
         info = container.export_packed(ctx.loaded, ctx.sens, plan, out_dir, progress=ctx.options.progress,
-                                       hessians=ctx.hessians())
-        # the model holds the weights as read back from the file (what evaluating it evaluates)
-        container.load_packed_into_model(info["path"], ctx.loaded)
+                                       hessians=ctx.hessians(), load_into_model=True)
         ctx.log(f"packed: {info['path']} read back bit-exact")
         return Written(self.name, plan, Path(info["path"]), info["file_bytes"], info,
                        evaluation={"bias_corrected": info["bias_corrected"]},

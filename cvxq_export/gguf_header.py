@@ -1,0 +1,161 @@
+"""A GGUF file's header, read in milliseconds and without trusting it.
+
+gguf-py's GGUFReader decodes every metadata array into NumPy objects (seconds for a
+49k-token vocabulary) and memory-maps every tensor; deciding whether to accept a model
+needs only the scalar metadata and the tensor directory. This walks the documented
+layout (magic, version, tensor count, metadata count, key/value pairs, tensor infos),
+keeps scalars and strings, skips arrays, and bounds every count and length by the
+file's own size, so a damaged or hostile header is a clear error, never a huge
+allocation or a hang.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CvxqError
+
+# metadata value type -> (struct format) for the fixed-size ones; 8 string, 9 array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SIZES = {k: struct.calcsize(v) for k, v in _SCALARS.items()}
+MAX_DIMS = 8  # GGML_MAX_DIMS is 4; a little slack for future versions
+MAX_STRING_KEPT = 1 << 16  # longer string values (chat templates) are skipped, not decoded
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order (innermost first)
+    ggml_type: int
+    offset: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    values: dict[str, object]  # scalar and string metadata (arrays skipped)
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.values.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def arch_values(self) -> dict[str, object]:
+        """``{arch}.*`` keys without the prefix (``block_count``, ``attention.key_length``, ...)."""
+        prefix = f"{self.architecture}."
+        return {k[len(prefix):]: v for k, v in self.values.items() if k.startswith(prefix)}
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+class _Cursor:
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def fail(self, what: str) -> CvxqError:
+        return CvxqError(f"{self.path} is not a valid GGUF file: {what} (at byte {self.pos})",
+                         "check the file (a complete download of a GGUF model?)")
+
+    def take(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise self.fail("the header runs past the end of the file")
+        value = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def count(self, what: str, item_size: int) -> int:
+        (n,) = self.take("<Q")
+        if n * max(item_size, 1) > self.size - self.pos:  # every item takes at least item_size bytes
+            raise self.fail(f"{what} {n} cannot fit in the file")
+        return n
+
+    def string(self, keep: bool = True) -> str | None:
+        n = self.count("string length", 1)
+        raw = bytes(self.buf[self.pos:self.pos + n]) if keep and n <= MAX_STRING_KEPT else None
+        self.pos += n
+        if raw is None:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a string is not UTF-8") from None
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    path = str(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(_Cursor(buf, path))
+    except (OSError, ValueError) as exc:  # ValueError: mmap of an empty file
+        raise CvxqError(f"cannot read {path} as a GGUF file: {exc}", "check the path and the file") from None
+
+
+def _parse(c: _Cursor) -> GGUFHeader:
+    if c.size < 24 or bytes(c.buf[:4]) != b"GGUF":
+        raise c.fail("no GGUF magic")
+    c.pos = 4
+    (version,) = c.take("<I")
+    if version not in (2, 3):
+        raise c.fail(f"GGUF version {version} (this tool reads 2 and 3)")
+    n_tensors = c.count("tensor count", 8 + 4 + 8 + 4 + 8)  # each tensor info is at least that long
+    n_kv = c.count("metadata count", 8 + 4)
+    values: dict[str, object] = {}
+    for _ in range(n_kv):
+        key = c.string()
+        (vtype,) = c.take("<I")
+        value = _value(c, vtype, depth=0)
+        if key is not None and value is not _SKIPPED:
+            values[key] = value
+    tensors = []
+    for _ in range(n_tensors):
+        name = c.string() or ""
+        (n_dims,) = c.take("<I")
+        if not 0 < n_dims <= MAX_DIMS:
+            raise c.fail(f"tensor {name!r} has {n_dims} dimensions")
+        shape = c.take(f"<{n_dims}Q")
+        ggml_type, offset = c.take("<IQ")
+        if any(d == 0 or d > 1 << 40 for d in shape):
+            raise c.fail(f"tensor {name!r} has shape {shape}")
+        tensors.append(TensorInfo(name, tuple(int(d) for d in shape), int(ggml_type), int(offset)))
+    return GGUFHeader(int(version), values, tensors)
+
+
+_SKIPPED = object()
+
+
+def _value(c: _Cursor, vtype: int, depth: int):
+    if vtype in _SCALARS:
+        return c.take(_SCALARS[vtype])[0]
+    if vtype == 8:
+        s = c.string()
+        return _SKIPPED if s is None else s
+    if vtype == 9:
+        if depth > 2:
+            raise c.fail("arrays nested too deeply")
+        (item,) = c.take("<I")
+        n = c.count("array length", _SIZES.get(item, 8))
+        if item in _SIZES:
+            c.pos += n * _SIZES[item]
+        elif item == 8:  # e.g. the vocabulary: skipped without decoding
+            for _ in range(n):
+                c.string(keep=False)
+        elif item == 9:
+            for _ in range(n):
+                _value(c, item, depth + 1)
+        else:
+            raise c.fail(f"unknown array item type {item}")
+        return _SKIPPED
+    raise c.fail(f"unknown metadata type {vtype}")
