@@ -145,9 +145,8 @@ def _gemma_attention(cfg, a: str, hd: int, *, pattern: int) -> list[KV]:
     if scalar is not None and int(scalar) != hd:
         raise _refuse(f"query_pre_attn_scalar {scalar} != head_dim {hd} (llama.cpp scales queries by 1/sqrt(head_dim))")
     types = getattr(cfg, "layer_types", None)
+    # every pattern-th layer global, the others sliding (Gemma 2: alternating, sliding first)
     expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
-    if pattern == 2:  # Gemma 2 alternates, sliding first
-        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
     if types is not None and list(types) != expected:
         raise _refuse(f"a layer pattern {list(types)[:8]}... other than llama.cpp's")
     return [KV(f"{a}.attention.sliding_window", int(cfg.sliding_window), T.UINT32)]
