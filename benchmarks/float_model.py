@@ -33,7 +33,7 @@ DEFAULT_SEED = 0
 
 
 def default_directory() -> Path:
-    from cvxq_export.pipeline import cache_dir
+    from cvxq_export.model_cache import cache_dir
 
     return cache_dir() / "models" / "smollm2-135m-float"
 

@@ -26,7 +26,7 @@ class InputStats:
     tokens: int
 
 
-def _module_for(loaded: LoadedModel, ref) -> object | None:
+def input_module(loaded: LoadedModel, ref) -> object | None:
     """The module whose *input* multiplies this weight (the head for a tied embedding)."""
     if ref.kind == "linear":
         return loaded.model.get_submodule(ref.module)
@@ -48,7 +48,7 @@ def collect_input_stats(loaded: LoadedModel, windows: np.ndarray, *, hessian: bo
     handles = []
     by_module: dict[int, list[str]] = {}
     for ref in loaded.weights:
-        module = _module_for(loaded, ref)
+        module = input_module(loaded, ref)
         if module is None:
             continue
         if id(module) not in by_module:
@@ -79,7 +79,7 @@ def collect_input_stats(loaded: LoadedModel, windows: np.ndarray, *, hessian: bo
     out: dict[str, InputStats] = {}
     per_owner: dict[str, InputStats] = {}  # weights sharing an input share one InputStats (no copies)
     for ref in loaded.weights:
-        module = _module_for(loaded, ref)
+        module = input_module(loaded, ref)
         if module is None:
             continue
         owner = by_module[id(module)][0]

@@ -167,6 +167,17 @@ class Hull:
 
 
 def hull_of(menu: Menu) -> Hull:
+    """The lower convex hull of each unit's options; kept on the menu, which the plan and
+    its rate-distortion curve both ask for (menus are not changed after they are built)."""
+    cached = menu.__dict__.get("_hull")
+    if cached is not None and cached[0] is menu.cost and cached[1] is menu.distortion and cached[2] is menu.legal:
+        return cached[3]
+    hull = _compute_hull(menu)
+    menu.__dict__["_hull"] = (menu.cost, menu.distortion, menu.legal, hull)
+    return hull
+
+
+def _compute_hull(menu: Menu) -> Hull:
     n, o = menu.cost.shape
     idx_dtype = np.int16 if o <= np.iinfo(np.int16).max else np.int32
     option = np.zeros((n, o), dtype=idx_dtype)

@@ -83,6 +83,9 @@ class Sensitivities:
     model_fingerprint: str
     seconds: float = 0.0
     eigenvalues: list[float] = field(default_factory=list)  # of the chosen output directions
+    # E[x x^T] of each weight's input over the first windows ([cols, cols] float32, shared by weights that
+    # share an input), when calibrate() was asked for them; not part of the saved file (see pipeline)
+    input_moments: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> WeightStats:
         return self.stats[name]
@@ -469,11 +472,14 @@ def _plain_head(loaded: LoadedModel, row: np.ndarray, device: str) -> bool:
 
 
 def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSettings, *, device: str = "cpu",
-              progress: bool = True, checkpointing: bool | None = None) -> Sensitivities:
+              progress: bool = True, checkpointing: bool | None = None, moment_windows: int = 0) -> Sensitivities:
     """Run CVXQ calibration over ``windows`` ``[n, seq_len]`` token ids.
 
     ``checkpointing``: activation checkpointing on/off; None decides by memory
     (:func:`use_checkpointing`). It does not change the result.
+    ``moment_windows``: also sum the input second moments ``E[x x^T]`` that error
+    feedback needs over the first that many windows (``Sensitivities.input_moments``),
+    from the forward passes calibration runs anyway instead of a pass of their own.
     Under ``torch.distributed`` every rank passes the same ``windows`` and gets
     the same Sensitivities; each runs only its share of them."""
     import torch
@@ -518,6 +524,9 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
     forward_pass = [False]  # True while the model's forward pass runs (not its recomputation)
     n_tokens = torch.zeros(1, dtype=torch.float64, device=device)
     hooks = []
+    moments = _MomentSums(loaded, refs, device) if moment_windows > 0 else None
+    if moments is not None:
+        hooks += moments.register(lambda: forward_pass[0])
     for ref in refs:
         if ref.kind != "linear":
             continue
@@ -551,6 +560,8 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
                 if i % world != rank:
                     continue
                 ids = torch.as_tensor(row, device=in_device)[None]
+                if moments is not None:
+                    moments.start_window(active=i < moment_windows)
                 forward_pass[0] = True
                 out = model(input_ids=ids, use_cache=False).logits[0].float()  # [T, k] projected, or [T, V] logits
                 forward_pass[0] = False
@@ -586,7 +597,63 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
             sq = (in_sq[ref.name] / tokens).float().cpu().numpy()
         stats[ref.name] = WeightStats(grad_sq, (grads.row_sum[ref.name] / n_samples).float().cpu().numpy(), mean, sq)
     return Sensitivities(stats, settings, model_fingerprint(loaded), time.perf_counter() - start,
-                         [float(v) for v in variances[:k].tolist()])
+                         [float(v) for v in variances[:k].tolist()],
+                         moments.result() if moments is not None else None)
+
+
+class _MomentSums:
+    """``sum_t x_t x_t^T`` of every quantizable weight's input over the windows marked
+    active, from forward hooks (the tied embedding gets the output head's input, as in
+    :func:`.activations.input_module`).
+
+    Weights that read the same input tensor (q/k/v, gate/up) share one sum: within a
+    window the first hook to see a tensor owns it and the others alias it. Sums are
+    float32 per window, float64 across windows (as :mod:`.activations` does)."""
+
+    def __init__(self, loaded: LoadedModel, refs: list[WeightRef], device: str):
+        from .activations import input_module
+
+        self.modules = [(ref.name, m) for ref in refs if (m := input_module(loaded, ref)) is not None]
+        self.device = device
+        self.sums: dict[str, object] = {}  # owner name -> [cols, cols] float64
+        self.tokens: dict[str, int] = {}
+        self.alias: dict[str, str] = {}  # weight name -> owner name
+        self.active = False
+        self._seen: list = []  # (input tensor, owner name) of this window; kept alive until it ends
+
+    def register(self, in_forward) -> list:
+        def hook(mod, inp, out, name):
+            if not self.active or not in_forward():
+                return
+            x = inp[0]
+            for seen, owner in self._seen:
+                if seen is x:
+                    self.alias[name] = owner
+                    return
+            self._seen.append((x, name))
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, cols]
+            outer = (flat.T @ flat).double().to(self.device)  # [cols, cols]
+            self.sums[name] = self.sums[name] + outer if name in self.sums else outer
+            self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
+
+        return [m.register_forward_hook(lambda mod, inp, out, name=name: hook(mod, inp, out, name))
+                for name, m in self.modules]
+
+    def start_window(self, active: bool) -> None:
+        self.active, self._seen = active, []
+
+    def result(self) -> dict[str, np.ndarray]:
+        from . import distributed as dist
+
+        self._seen = []
+        means: dict[str, np.ndarray] = {}
+        for owner, total in self.sums.items():
+            dist.all_reduce_sum(total)
+            count = total.new_tensor([float(self.tokens[owner])])
+            dist.all_reduce_sum(count)
+            means[owner] = (total / count).float().cpu().numpy()
+        return {name: means[self.alias.get(name, name)] for name, _ in self.modules
+                if self.alias.get(name, name) in means}
 
 
 def _floor_unseen_rows(grad_sq: np.ndarray) -> np.ndarray:

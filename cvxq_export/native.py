@@ -102,6 +102,26 @@ def importance_matrix(sens: Sensitivities, ref: WeightRef) -> torch.Tensor:
     return torch.from_numpy(st.element_importance(ref.rows, sens.settings.row_group)).float()
 
 
+# Units quantized together in the menu: ~4 MB of float32 per operand, so the dozen
+# elementwise passes of each quantizer run in cache (2.6x faster on SmolLM2's
+# tensors than whole-tensor passes, same numbers: every unit is independent).
+MENU_CHUNK_ELEMENTS = 1 << 20
+
+
+def option_distortions(x: torch.Tensor, imp: torch.Tensor) -> np.ndarray:
+    """Importance-weighted squared error of every unit under every option of
+    :data:`OPTIONS`: x, imp ``[n, m]`` -> ``[n, len(OPTIONS)]`` float64."""
+    n, m = x.shape
+    dist = np.empty((n, len(OPTIONS)), dtype=np.float64)
+    step = max(1, MENU_CHUNK_ELEMENTS // m)
+    for lo in range(0, n, step):
+        xs, ws = x[lo:lo + step], imp[lo:lo + step]  # [b, m]
+        for j, (bits, kind) in enumerate(OPTIONS):
+            err = quantize(xs, bits, kind, ws).dequant - xs
+            dist[lo:lo + step, j] = (err * err * ws).sum(1).double().numpy()
+    return dist
+
+
 def build_menu(loaded: LoadedModel, sens: Sensitivities, refs: list[WeightRef], geometry: Geometry = Geometry(),
                *, progress: bool = True, distortion: np.ndarray | None = None) -> NativeMenu:
     """Quantize every unit at every option and record exact bits and distortion.
@@ -129,11 +149,7 @@ def build_menu(loaded: LoadedModel, sens: Sensitivities, refs: list[WeightRef], 
             with torch.no_grad():
                 x = to_units(loaded.weight_tensor(ref).detach().float().cpu(), r, c)  # [n, r*c]
                 imp = to_units(importance_matrix(sens, ref), r, c)  # [n, r*c]
-                dist = np.empty((n, len(OPTIONS)), dtype=np.float64)
-                for j, (bits, kind) in enumerate(OPTIONS):
-                    q = quantize(x, bits, kind, imp)
-                    err = q.dequant - x
-                    dist[:, j] = (err * err * imp).sum(1).double().numpy()
+                dist = option_distortions(x, imp)
         layout.append(TensorUnits(ref, r, c, start, n))
         costs.append(cost)
         dists.append(dist)

@@ -6,7 +6,6 @@ tensors), so the CLI can run any one alone.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,18 +15,13 @@ from .allocate import allocate, cost_range
 from .calibrate import CalibrationSettings, Sensitivities, calibrate
 from .errors import CvxqError, InfeasibleBudget
 from .model import LoadedModel, WeightRef
+from .model_cache import cache_dir
 from .native import (OPTIONS, Geometry, NativeMenu, NativeTensor, build_menu, quantize_tensor,
                      tensor_padding_allowance, unit_bits)
 from .plan import Plan, TensorPlan
 from .textdata import calibration_windows, read_text
 
 SCOPES = ("all", "blocks")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("CVXQ_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cvxq-export")
-    return Path(base)
 
 
 def sensitivities_key(fingerprint: str, settings: CalibrationSettings, text: str, dtype: str = "float32") -> str:
@@ -45,16 +39,26 @@ def sensitivities_key(fingerprint: str, settings: CalibrationSettings, text: str
     return h.hexdigest()[:20]
 
 
+# Error feedback's input second moments come from the first this many calibration windows.
+MOMENT_WINDOWS = 32
+
+
 @dataclass
 class CalibrationOutcome:
     sens: Sensitivities
     path: Path
     cached: bool
+    moments: dict[str, np.ndarray] | None = None  # collected during this calibration (and cached), if asked
 
 
 def calibrate_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
-                     device: str = "cpu", progress: bool = True, use_cache: bool = True) -> CalibrationOutcome:
+                     device: str = "cpu", progress: bool = True, use_cache: bool = True,
+                     moments: bool = False) -> CalibrationOutcome:
     """Calibrate, or reuse a cached result for the same model, dtype, text and settings.
+
+    ``moments``: when calibration runs, also collect error feedback's input second
+    moments from its forward passes (:func:`input_hessians_cached` finds them in the
+    cache afterwards), unless they are cached already or would not fit in memory.
 
     Under ``torch.distributed`` (torchrun) every rank calls this; the ranks
     share the windows and the result, and only rank 0 writes the cache file."""
@@ -71,11 +75,26 @@ def calibrate_cached(loaded: LoadedModel, calibration: str | None, settings: Cal
         if sens.model_fingerprint == fingerprint:
             return CalibrationOutcome(sens, path, True)
     windows = calibration_windows(loaded.tokenizer, calibration, settings.n_windows, settings.seq_len, settings.seed)
-    sens = calibrate(loaded, windows.ids, settings, device=device, progress=progress)
+    moments_file = moments_path(loaded, text, settings, MOMENT_WINDOWS)
+    fold = moments and not (use_cache and moments_file.is_file()) and _moments_fit_in_memory(loaded, device)
+    sens = calibrate(loaded, windows.ids, settings, device=device, progress=progress,
+                     moment_windows=MOMENT_WINDOWS if fold else 0)
     if distributed.is_main():
         sens.save(path)
+        if sens.input_moments is not None:
+            save_moments(moments_file, sens.input_moments)
     distributed.barrier()  # the other ranks return once the file is there
-    return CalibrationOutcome(sens, path, False)
+    return CalibrationOutcome(sens, path, False, sens.input_moments)
+
+
+def _moments_fit_in_memory(loaded: LoadedModel, device: str) -> bool:
+    """Whether the moment sums (float64 ``[cols, cols]`` per distinct input, counted here
+    per weight: an upper bound) can sit beside calibration within a quarter of the free memory."""
+    from .activations import input_module
+    from .memory import available_bytes
+
+    need = sum(8 * r.cols * r.cols for r in loaded.weights if input_module(loaded, r) is not None)
+    return need < available_bytes(device) // 4
 
 
 def select_weights(loaded: LoadedModel, scope: str) -> list[WeightRef]:
@@ -199,7 +218,7 @@ def apply_quantized(loaded: LoadedModel, qtensors: dict[str, NativeTensor], sens
 
 
 def input_hessians(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
-                   n_windows: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
+                   n_windows: int = MOMENT_WINDOWS, progress: bool = True) -> dict[str, np.ndarray]:
     """``E[x x^T]`` of every quantizable weight's input (``[cols, cols]`` float32, keyed by
     weight name; the tied embedding gets the output head's input) over the first
     ``n_windows`` calibration windows: what error feedback needs.
@@ -208,6 +227,7 @@ def input_hessians(loaded: LoadedModel, calibration: str | None, settings: Calib
     """
     from .activations import collect_input_stats
 
+    # the first windows of calibration's own draw (the seeded draw's prefix), as calibrate() folds them in
     windows = calibration_windows(loaded.tokenizer, calibration, min(n_windows, settings.n_windows), settings.seq_len,
                                   settings.seed)
     stats = collect_input_stats(loaded, windows.ids, hessian=True, progress=progress)
@@ -221,30 +241,34 @@ def input_hessians(loaded: LoadedModel, calibration: str | None, settings: Calib
     return out
 
 
-def input_hessians_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
-                          n_windows: int = 32, progress: bool = True, use_cache: bool = True
-                          ) -> tuple[dict[str, np.ndarray], bool]:
-    """:func:`input_hessians`, cached in :func:`cache_dir` under the model, text and settings:
-    collecting them takes a minute or two for SmolLM2 (32 forward windows of 512 tokens),
-    reading their ~0.4 GB back a second. Returns (moments, whether they came from the cache)."""
+def moments_path(loaded: LoadedModel, text: str, settings: CalibrationSettings,
+                 n_windows: int = MOMENT_WINDOWS) -> Path:
+    """Where the input second moments of this model, text (as read) and settings are cached."""
     from .calibrate import model_fingerprint
+
+    key_settings = CalibrationSettings(**{**asdict(settings), "n_windows": min(n_windows, settings.n_windows)})
+    return cache_dir() / f"moments-{sensitivities_key(model_fingerprint(loaded), key_settings, text)}.npz"
+
+
+def load_moments(path: Path) -> dict[str, np.ndarray] | None:
+    """Cached moments, or None when the file is missing or unreadable (then they are collected again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = [str(n) for n in z["names"]]
+            index = z["index"]
+            unique = [z[f"m{i}"] for i in range(int(index.max()) + 1)] if len(index) else []
+        return {n: unique[int(i)] for n, i in zip(names, index)}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def save_moments(path: Path, moments: dict[str, np.ndarray]) -> None:
+    """Write moments atomically; weights that share an input share one stored matrix."""
     from .io import atomic_path
 
-    text, source = read_text(calibration)
-    key_settings = CalibrationSettings(**{**asdict(settings), "calibration": source, "n_windows": min(n_windows, settings.n_windows)})
-    fingerprint = model_fingerprint(loaded)
-    path = cache_dir() / f"moments-{sensitivities_key(fingerprint, key_settings, text)}.npz"
-    if use_cache and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                names = [str(n) for n in z["names"]]
-                index = z["index"]
-                unique = [z[f"m{i}"] for i in range(int(index.max()) + 1)] if len(index) else []
-            return {n: unique[int(i)] for n, i in zip(names, index)}, True
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: collect again
-    moments = input_hessians(loaded, calibration, settings, n_windows=n_windows, progress=progress)
-    ids: dict[int, int] = {}  # q/k/v (and gate/up) share one matrix: stored once
+    ids: dict[int, int] = {}
     unique: dict[str, np.ndarray] = {}
     for m in moments.values():
         if id(m) not in ids:
@@ -254,4 +278,21 @@ def input_hessians_cached(loaded: LoadedModel, calibration: str | None, settings
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, names=np.array(list(moments)), index=np.array([ids[id(m)] for m in moments.values()]), **unique)
+
+
+def input_hessians_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
+                          n_windows: int = MOMENT_WINDOWS, progress: bool = True, use_cache: bool = True
+                          ) -> tuple[dict[str, np.ndarray], bool]:
+    """:func:`input_hessians`, cached in :func:`cache_dir` under the model, text and settings
+    (calibration leaves them there when it runs with ``moments=True``): collecting them
+    takes a minute or two for SmolLM2 (32 forward windows of 512 tokens), reading their
+    ~0.4 GB back a second. Returns (moments, whether they came from the cache)."""
+    text, source = read_text(calibration)
+    settings = CalibrationSettings(**{**asdict(settings), "calibration": source})
+    path = moments_path(loaded, text, settings, n_windows)
+    cached = load_moments(path) if use_cache else None
+    if cached is not None:
+        return cached, True
+    moments = input_hessians(loaded, calibration, settings, n_windows=n_windows, progress=progress)
+    save_moments(path, moments)
     return moments, False

@@ -215,3 +215,31 @@ def test_rescaled_logits_use_the_full_head(llama):
     assert _plain_head(llama, row, "cpu")
     assert not _plain_head(granite, row, "cpu")
     _assert_matches_reference(granite, CalibrationSettings(n_windows=3, seq_len=16, n_pcs=8, pca_windows=3))
+
+
+def test_moments_folded_into_calibration_match_their_own_pass(llama, tmp_path, monkeypatch):
+    """Calibration's forward passes give error feedback the same input second moments as
+    the separate pass over the same first windows; weights that read one input share one
+    matrix; calibrate_cached leaves them in the cache where feedback looks for them."""
+    from cvxq_export import pipeline
+
+    settings = CalibrationSettings(n_windows=4, seq_len=32, n_pcs=8, pca_windows=2, calibration="builtin")
+    windows = calibration_windows(llama.tokenizer, None, 4, 32, 0).ids
+    sens = calibrate(llama, windows, settings, progress=False, moment_windows=2)
+    separate = pipeline.input_hessians(llama, None, settings, n_windows=2, progress=False)
+    assert set(sens.input_moments) == set(separate)
+    assert "model.embed_tokens.weight" in separate  # tied: the head's input
+    for name, m in separate.items():
+        np.testing.assert_allclose(sens.input_moments[name], m, rtol=1e-5, atol=1e-6 * np.abs(m).max())
+    layer = "model.layers.0.self_attn."
+    assert sens.input_moments[layer + "q_proj.weight"] is sens.input_moments[layer + "v_proj.weight"]
+    assert sens.input_moments[layer + "q_proj.weight"] is not sens.input_moments[layer + "o_proj.weight"]
+
+    monkeypatch.setenv("CVXQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(pipeline, "MOMENT_WINDOWS", 2)
+    outcome = pipeline.calibrate_cached(llama, None, settings, progress=False, moments=True)
+    assert outcome.moments is not None and not outcome.cached
+    cached, from_cache = pipeline.input_hessians_cached(llama, None, settings, n_windows=2, progress=False)
+    assert from_cache and set(cached) == set(separate)
+    for name, m in separate.items():
+        np.testing.assert_allclose(cached[name], m, rtol=1e-5, atol=1e-6 * np.abs(m).max())

@@ -59,3 +59,105 @@ def test_hostile_counts_are_refused_at_once(tmp_path):
     bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 62) + b"x" * 16)
     with pytest.raises(CvxqError, match="cannot fit in the file"):
         read_gguf_header(bad)
+
+
+def test_arrays_and_types_read_like_gguf_py(tmp_path):
+    """With arrays=True every metadata value and its type is what gguf-py reads, and
+    each tensor's bytes are the ones gguf-py maps."""
+    import gguf
+    import numpy as np
+
+    path = _header_file(tmp_path / "m.gguf")
+    header = read_gguf_header(path, arrays=True)
+    reader = gguf.GGUFReader(str(path))
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        assert header.values[key] == f.contents(), key
+        item = int(f.types[-1]) if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        assert header.types[key] == (int(f.types[0]), item), key
+    for info, t in zip(header.tensors, reader.tensors):
+        assert np.array_equal(np.asarray(header.tensor_data(path, info)).reshape(-1),
+                              np.asarray(t.data).view(np.uint8).reshape(-1))
+
+
+def _model_file(path, **overrides):
+    """A small llama GGUF header with its tensors; ``overrides`` replace hyperparameters
+    (None drops one), ``tensors=False`` writes none."""
+    import gguf
+    import numpy as np
+
+    hp = {"block_count": 2, "context_length": 256, "embedding_length": 32, "feed_forward_length": 64,
+          "attention.head_count": 4, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-5}
+    with_tensors = overrides.pop("tensors", True)
+    hp.update(overrides)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in hp.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            writer.add_float32(f"llama.{key}", value)
+        else:
+            writer.add_uint32(f"llama.{key}", value)
+    if with_tensors:
+        for layer in range(2):
+            writer.add_tensor(f"blk.{layer}.attn_q.weight", np.zeros((32, 32), np.float32))
+        writer.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+BAD_FILES = {
+    "block_count 0 (llama.cpp aborts)": ({"block_count": 0}, "block_count"),
+    "block_count 2^32-1 (llama.cpp hangs)": ({"block_count": 2**32 - 1}, "block_count"),
+    "block_count missing": ({"block_count": None}, "block_count is missing"),
+    "epsilon NaN (llama.cpp aborts)": ({"attention.layer_norm_rms_epsilon": float("nan")}, "epsilon"),
+    "epsilon negative": ({"attention.layer_norm_rms_epsilon": -1.0}, "epsilon"),
+    "no KV heads (division by zero)": ({"attention.head_count_kv": 0}, "head_count_kv"),
+    "heads not a multiple of KV heads": ({"attention.head_count": 6, "attention.head_count_kv": 4}, "multiple"),
+    "context 0": ({"context_length": 0}, "context_length"),
+    "no tensors (random weights)": ({"tensors": False}, "no tensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_damaged_model_headers_are_refused_before_anyone_reads_them(tmp_path, case):
+    from cvxq_export.gguf_checks import checked_gguf_header
+
+    overrides, field = BAD_FILES[case]
+    path = _model_file(tmp_path / "m.gguf", **dict(overrides))
+    with pytest.raises(CvxqError, match=field):
+        checked_gguf_header(path)
+
+
+def test_tensor_past_the_end_and_the_good_file(tmp_path):
+    from cvxq_export.gguf_checks import checked_gguf_header
+
+    path = _model_file(tmp_path / "m.gguf")
+    assert checked_gguf_header(path).arch_values()["block_count"] == 2
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CvxqError, match="runs past the end"):
+        checked_gguf_header(cut)
+
+
+def test_llama_cpp_never_sees_a_damaged_file(tmp_path):
+    """open_llama checks the header first: a block count of zero is a clear error, not an
+    abort of the process inside llama.cpp."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'cvxq-export[llama]'")
+    from cvxq_export.formats.gguf.llama_eval import open_llama
+
+    with pytest.raises(CvxqError, match="block_count"):
+        open_llama(_model_file(tmp_path / "m.gguf", block_count=0), verbose=False)
+    with pytest.raises(CvxqError, match="llama.cpp cannot load"):  # sane header, but not a whole llama model
+        open_llama(_model_file(tmp_path / "n.gguf"), verbose=False)
+
+
+def test_load_model_checks_a_gguf_before_transformers_reads_it(tmp_path):
+    from cvxq_export.model import load_model
+
+    with pytest.raises(CvxqError, match="head_count_kv"):
+        load_model(str(_model_file(tmp_path / "m.gguf", **{"attention.head_count_kv": 0})))

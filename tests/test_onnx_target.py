@@ -286,3 +286,14 @@ def test_option_table_is_stable():
     assert OPTIONS[0] == QdqOption(0, 0, "zero")
     assert OPTIONS[1] == QdqOption(2, 16, "sym") and len(OPTIONS) == 37
     assert OPTIONS[OPTION_INDEX[QdqOption(4, 32, "offset")]].name == "uint4-b32-offset"
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07\x12\x03abc", bytes(range(256)) * 4])
+def test_a_damaged_onnx_file_is_a_clear_error(tmp_path, content):
+    from cvxq_export.errors import CvxqError
+    from cvxq_export.formats.onnx.target import OrtDecoder
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(CvxqError, match="ONNX Runtime cannot load|not a decoder"):
+        OrtDecoder(path)

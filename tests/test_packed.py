@@ -145,6 +145,23 @@ def test_bit_order_is_lsb_first_and_codes_straddle_bytes():
         pack_codes(np.array([[8]], np.uint8), np.array([3]))
 
 
+@pytest.mark.parametrize("size", [8, 32, 256])
+def test_whole_byte_units_pack_like_the_bit_stream(size):
+    """Units of a multiple of 8 codes start on a byte and are packed per bit depth: the
+    same bytes as the definition (one LSB-first stream of every code's bits)."""
+    from cvxq_export.formats.packed.container import _unpack, pack_codes
+
+    rng = np.random.default_rng(size)
+    bits = rng.integers(0, 9, 60)
+    codes = (rng.integers(0, 256, (60, size)) % (1 << bits)[:, None]).astype(np.uint8)
+    stream = [(int(c) >> i) & 1 for u in range(60) for c in codes[u] for i in range(bits[u])]
+    want = np.packbits(np.array(stream + [0] * (-len(stream) % 8), np.uint8), bitorder="little")
+    got = pack_codes(codes, bits)
+    assert np.array_equal(got, want)
+    start = np.concatenate([[0], np.cumsum(bits * size)[:-1]])
+    assert np.array_equal(_unpack(got, bits.astype(np.int64), start, size), codes)
+
+
 def test_layout_alignment_sizes_and_safetensors_compatible(synth):
     from safetensors import safe_open
 

@@ -17,6 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 from ...errors import missing_extra
+from ...gguf_header import NEWER_TYPES  # types gguf-py does not know yet: one table for the reader and here
 from ...quantizers import worker_count
 
 
@@ -42,10 +43,6 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-# Types libggml (and llama.cpp) run but gguf-py 0.19's enum does not know yet:
-# name -> (ggml type id, block size, bytes per block), as libggml reports them
-# (checked against the library in tests/test_ggml_quant.py).
-NEWER_TYPES = {"Q2_0": (42, 64, 18)}
 
 
 def gguf_py_knows(name: str) -> bool:

@@ -70,11 +70,13 @@ def tensor_name_map(arch: str, n_layers: int):
 
 def _layout(loaded: LoadedModel) -> GGUFLayout:
     if loaded.source.kind == "gguf":
-        reader = _gguf().GGUFReader(loaded.source.path)
-        arch = str(reader.fields["general.architecture"].contents())
+        from ...gguf_header import read_gguf_header
+
+        header = read_gguf_header(loaded.source.path)
+        arch = str(header.architecture)
         known = {"llama": True}  # transformers' GGUF loader un-permutes Q/K for "llama" files only
         layout = GGUFLayout(arch, known.get(arch, False), 0.0, _names(loaded, arch))
-        _check_against_file(loaded, layout, reader)
+        _check_against_file(loaded, layout, header)
         return layout
     a = architecture_of(loaded.model_type)
     return GGUFLayout(a.gguf_arch, a.permute_qk, a.norm_offset, _names(loaded, a.gguf_arch))
@@ -96,11 +98,11 @@ def _names(loaded: LoadedModel, arch: str) -> dict[str, str]:
 SAMPLE_ROWS = (0, 1, -1)  # rows checked per tensor: cheap, and a permutation or transpose moves them
 
 
-def _check_against_file(loaded: LoadedModel, layout: GGUFLayout, reader) -> None:
+def _check_against_file(loaded: LoadedModel, layout: GGUFLayout, header) -> None:
     from .meta import permute_for_llama_cpp
 
     gguf = _gguf()
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = {t.name: t for t in header.tensors}
     for ref in loaded.weights:
         gname = layout.names[ref.name]
         stored = by_name.get(gname)
@@ -109,19 +111,21 @@ def _check_against_file(loaded: LoadedModel, layout: GGUFLayout, reader) -> None
             if ref.role == "head" or ref.also:
                 continue
             raise CvxqError(f"the source GGUF has no tensor {gname} for {ref.name}", "check the source file")
-        shape = tuple(int(x) for x in reversed(stored.shape))  # numpy order [rows, cols]
+        shape = tuple(reversed(stored.shape))  # numpy order [rows, cols]
         if shape != (ref.rows, ref.cols):
             raise CvxqError(f"{gname} is {shape} in the source GGUF but {ref.rows}x{ref.cols} after loading",
                             "this architecture's GGUF layout is not one this tool writes; use --format packed")
-        w = loaded.weight_tensor(ref).detach().float().cpu().numpy()  # [rows, cols], HF order
+        weight = loaded.weight_tensor(ref)
+        w = weight.detach().float().cpu().numpy()  # [rows, cols], HF order
         heads = layout.heads(loaded, gname)
         if heads:
             w = permute_for_llama_cpp(w, heads)
-        data = np.asarray(stored.data).reshape(ref.rows, -1)  # [rows, bytes or values per row]
+        data = header.tensor_data(loaded.source.path, stored)  # [rows, bytes per row]
         rows = sorted({r % ref.rows for r in SAMPLE_ROWS})
-        got = gguf.quants.dequantize(data[rows], stored.tensor_type).reshape(len(rows), ref.cols)
+        got = gguf.quants.dequantize(np.asarray(data[rows]), gguf.GGMLQuantizationType(stored.ggml_type))
+        got = got.reshape(len(rows), ref.cols)
         want = w[rows]
-        rtol = 1e-3 if loaded.weight_tensor(ref).element_size() == 4 else 1e-2  # a 16-bit model rounds the source
+        rtol = 1e-3 if weight.element_size() == 4 else 1e-2  # a 16-bit model rounds the source
         if not np.allclose(got.astype(np.float32), want, rtol=rtol, atol=rtol * 1e-3 * max(1.0, float(np.abs(want).max()))):
             raise CvxqError(f"the weights of {ref.name} as loaded do not match {gname} in the source file "
                             "(the loader reorders this architecture's tensors in a way this tool does not undo)",

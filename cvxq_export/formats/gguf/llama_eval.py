@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import missing_extra
+from ...errors import CvxqError, missing_extra
 from ...evaluate import EvalResult
 
 
@@ -54,10 +54,18 @@ def open_llama(path: str | Path, **kwargs):
         from llama_cpp import Llama
     except ImportError:
         raise missing_extra("llama_cpp", "llama") from None
-    if kwargs.get("vocab_only") or not _has_amx():
-        return Llama(model_path=str(path), **kwargs)
-    with _without_extra_buffers():
-        return Llama(model_path=str(path), **kwargs)
+    if not kwargs.get("vocab_only"):  # llama.cpp trusts the file: a damaged header can abort the process
+        from ...gguf_checks import checked_gguf_header
+
+        checked_gguf_header(path)
+    try:
+        if kwargs.get("vocab_only") or not _has_amx():
+            return Llama(model_path=str(path), **kwargs)
+        with _without_extra_buffers():
+            return Llama(model_path=str(path), **kwargs)
+    except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+        raise CvxqError(f"llama.cpp cannot load {path}: {exc}",
+                        "check the file with llama.cpp's own tools; a model llama.cpp does not support cannot run there") from None
 
 
 def llama_perplexity(path: str, windows: np.ndarray, *, threads: int | None = None, progress: bool = True) -> EvalResult:

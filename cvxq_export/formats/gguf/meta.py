@@ -71,20 +71,24 @@ def _gguf():
 
 def skeleton_from_gguf(loaded: LoadedModel, quantized_names: set[str]) -> GGUFSkeleton:
     """``quantized_names``: GGUF names of the matrices we write ourselves."""
+    from ...gguf_header import read_gguf_header
+
     gguf = _gguf()
-    reader = gguf.GGUFReader(loaded.source.path)
-    arch = reader.fields["general.architecture"].contents()
+    path = loaded.source.path
+    header = read_gguf_header(path, arrays=True)  # all of the metadata, in a fraction of GGUFReader's time
+    arch = header.architecture
     kv = []
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+    for key, value in header.values.items():
+        if key in ("general.architecture", "general.file_type"):
             continue
-        kv.append(KV(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None))
+        vtype, item = header.types[key]
+        kv.append(KV(key, value, gguf.GGUFValueType(vtype), gguf.GGUFValueType(item) if item is not None else None))
     floats = {}
-    for t in reader.tensors:
+    for t in header.tensors:
         if t.name in quantized_names:
             continue
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        floats[t.name] = data.reshape([int(x) for x in reversed(t.shape)])
+        data = gguf.quants.dequantize(np.asarray(header.tensor_data(path, t)), gguf.GGMLQuantizationType(t.ggml_type))
+        floats[t.name] = data.astype(np.float32).reshape(tuple(reversed(t.shape)))
     return GGUFSkeleton(arch, kv, floats, permute_qk=arch == "llama")
 
 

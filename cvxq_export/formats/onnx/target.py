@@ -779,8 +779,16 @@ class OrtDecoder:
             so.optimized_model_filepath = str(optimized_path)
         if accuracy_level is not None:  # ORT's default for fused QDQ MatMuls is 4 (int8 activations)
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types for a bad file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CvxqError(f"ONNX Runtime cannot load {path}: {first[:300]}",
+                            "the file is damaged or incomplete (with its .data file beside it?): write it again") from None
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        if not past:
+            raise CvxqError(f"{path} has no past_key_values inputs: it is not a decoder this tool wrote",
+                            "pass the model.onnx that `cvxq-export fit --format onnx` wrote")
         self.n_layers = len(past) // 2
         shape = past[0].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])

@@ -195,6 +195,9 @@ def pack_codes(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
     if too_big.any():
         u = int(np.nonzero(too_big.any(1))[0][0])
         raise ValueError(f"unit {u}: a code does not fit in {int(bits[u])} bits")
+    if size % 8 == 0:
+        _pack_whole_bytes(codes, bits, out)
+        return out
     shifts = np.arange(8, dtype=np.uint8)
     per_chunk = max(1, _CHUNK // max(1, size))
     carry = np.zeros(0, dtype=np.uint8)
@@ -214,6 +217,27 @@ def pack_codes(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
         pos += 1
     assert pos == len(out)
     return out
+
+
+def _pack_whole_bytes(codes: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
+    """:func:`pack_codes` when every unit fills whole bytes (``unit_size % 8 == 0``): each
+    unit starts on a byte, so the units of one bit depth are packed together and
+    scattered to their offsets, not streamed one bit at a time. Same bytes."""
+    n, size = codes.shape
+    unit_bytes = bits.astype(np.int64) * (size // 8)  # [n]
+    start = np.concatenate([[0], np.cumsum(unit_bytes)[:-1]])  # [n] each unit's first byte
+    per_chunk = max(1, _CHUNK // max(1, size))
+    for b in np.unique(bits):
+        if b == 0:
+            continue
+        sel = np.nonzero(bits == b)[0]
+        shifts = np.arange(int(b), dtype=np.uint8)
+        width = int(b) * size // 8
+        for lo in range(0, len(sel), per_chunk):
+            part = sel[lo : lo + per_chunk]
+            planes = (codes[part][:, :, None] >> shifts) & 1  # [m, size, b]: a code's bits, low first
+            packed = np.packbits(planes.reshape(len(part), -1), axis=1, bitorder="little")  # [m, width]
+            out[start[part][:, None] + np.arange(width)] = packed
 
 
 def _tensor_entry(qt, bias_param: str | None) -> dict:
@@ -990,8 +1014,14 @@ def collect_unquantized(loaded, qtensors: dict, sens=None, *, bias_correction: b
     return unquantized, biases
 
 
+# Config fields about how the source was read, not what the model is: transformers' marker
+# of a GGUF-loaded model (a reader would take the packed model for a GGUF one) and a local path.
+SOURCE_CONFIG_FIELDS = ("quantization_config", "_name_or_path")
+
+
 def model_config_json(loaded) -> dict:
-    return json.loads(loaded.config.to_json_string(use_diff=False))
+    config = json.loads(loaded.config.to_json_string(use_diff=False))
+    return {k: v for k, v in config.items() if k not in SOURCE_CONFIG_FIELDS}
 
 
 def header_reserve(loaded, refs, geometry, stat_row_group: int, corrected: set[str], fingerprint: str = "",
@@ -1052,7 +1082,7 @@ def export_packed(loaded, sens, plan, out: str | Path, *, progress: bool = True,
     path = out / FILE_NAME
     info = write_packed(path, qtensors, unquantized, plan_json=json.loads(plan.to_json()),
                         config=model_config_json(loaded), biases=biases, budget=plan.budget_bytes)
-    write_text(out / "config.json", loaded.config.to_json_string())
+    write_text(out / "config.json", json.dumps(model_config_json(loaded), indent=2, sort_keys=True) + "\n")
     if save_tokenizer and loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(out))
     info.update(verify_packed(path, qtensors, biases, budget=plan.budget_bytes,
