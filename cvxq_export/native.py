@@ -17,7 +17,7 @@ import torch
 from .allocate import Menu
 from .calibrate import Sensitivities
 from .model import LoadedModel, WeightRef
-from .quantizers import COMPANDED, MAX_BITS, UNIFORM, QuantizedUnits, quantize
+from .quantizers import CHUNK_ELEMENTS, COMPANDED, MAX_BITS, UNIFORM, QuantizedUnits, quantize
 
 # Side information per unit, in bits (the packed format stores exactly this).
 MAP_BITS = 8  # one byte: bit depth (low 4 bits) | quantizer kind (bit 4)
@@ -102,18 +102,12 @@ def importance_matrix(sens: Sensitivities, ref: WeightRef) -> torch.Tensor:
     return torch.from_numpy(st.element_importance(ref.rows, sens.settings.row_group)).float()
 
 
-# Units quantized together in the menu: ~4 MB of float32 per operand, so the dozen
-# elementwise passes of each quantizer run in cache (2.6x faster on SmolLM2's
-# tensors than whole-tensor passes, same numbers: every unit is independent).
-MENU_CHUNK_ELEMENTS = 1 << 20
-
-
 def option_distortions(x: torch.Tensor, imp: torch.Tensor) -> np.ndarray:
     """Importance-weighted squared error of every unit under every option of
     :data:`OPTIONS`: x, imp ``[n, m]`` -> ``[n, len(OPTIONS)]`` float64."""
     n, m = x.shape
     dist = np.empty((n, len(OPTIONS)), dtype=np.float64)
-    step = max(1, MENU_CHUNK_ELEMENTS // m)
+    step = max(1, CHUNK_ELEMENTS // m)  # cache-sized chunks of units, as the quantizers run them
     for lo in range(0, n, step):
         xs, ws = x[lo:lo + step], imp[lo:lo + step]  # [b, m]
         for j, (bits, kind) in enumerate(OPTIONS):

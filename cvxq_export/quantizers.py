@@ -85,11 +85,31 @@ def dequantize_uniform(codes: torch.Tensor, offset: torch.Tensor, scale: torch.T
     return offset.float()[:, None] + codes.float() * scale.float()[:, None]
 
 
+# Units quantized together: ~4 MB of float32 per operand, so the dozen elementwise passes of
+# a quantizer's search run in cache (2.6x faster on SmolLM2's tensors than whole-tensor
+# passes). Units are independent, so the result is the same whatever the chunking.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunked(quantizer, x: torch.Tensor, weights: torch.Tensor | None, *args, **kwargs) -> QuantizedUnits | None:
+    """``quantizer`` over cache-sized chunks of units, joined; None when ``x`` is one chunk."""
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    if x.shape[0] <= step:
+        return None
+    parts = [quantizer(x[lo:lo + step], *args, weights[lo:lo + step] if weights is not None else None, **kwargs)
+             for lo in range(0, x.shape[0], step)]
+    return QuantizedUnits(torch.cat([p.codes for p in parts]), torch.cat([p.offset for p in parts]),
+                          torch.cat([p.scale for p in parts]), torch.cat([p.dequant for p in parts]),
+                          parts[0].bits, parts[0].kind)
+
+
 def quantize_uniform(x: torch.Tensor, bits: int, weights: torch.Tensor | None = None,
                      clip_grid: tuple[float, ...] = CLIP_GRID) -> QuantizedUnits:
     """Asymmetric uniform quantizer with an MSE-optimal clip per unit. x: [n, m]."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
+    if (joined := _chunked(quantize_uniform, x, weights, bits, clip_grid=clip_grid)) is not None:
+        return joined
     levels = (1 << bits) - 1
     lo, hi = x.min(1).values, x.max(1).values  # [n]
     mid, half = (lo + hi) / 2, (hi - lo) / 2
@@ -152,6 +172,8 @@ def quantize_companded(x: torch.Tensor, bits: int, weights: torch.Tensor | None 
     scale searched around the moment match (Laplace variance = 2 b^2). x: [n, m]."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
+    if (joined := _chunked(quantize_companded, x, weights, bits, scale_grid=scale_grid)) is not None:
+        return joined
     table = laplace_table(bits)
     offset = _fp16(x.median(1).values)
     centred = x - offset.float()[:, None]

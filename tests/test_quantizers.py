@@ -88,3 +88,20 @@ def test_rtn_groupwise_is_lossless_on_its_own_grid():
     w = (codes * scale).reshape(4, 128).half().float()
     out = rtn_groupwise(w, 4, 64)
     assert float((out - w).abs().max()) < 1e-2 * float(scale.max())
+
+
+@pytest.mark.parametrize("kind", ["uniform", "companded"])
+def test_chunked_quantization_is_the_whole_tensor_quantization(kind, monkeypatch):
+    """Units are quantized in cache-sized chunks: codes, fp16 parameters and dequantized
+    values are exactly those of one pass over every unit."""
+    import cvxq_export.quantizers as q
+
+    torch.manual_seed(0)
+    x, w = torch.randn(5000, 64), torch.rand(5000, 64)
+    fn = q.quantize_uniform if kind == "uniform" else q.quantize_companded
+    monkeypatch.setattr(q, "CHUNK_ELEMENTS", 1 << 12)  # 64 units per chunk: 79 chunks
+    chunked = fn(x, 3, w)
+    monkeypatch.setattr(q, "CHUNK_ELEMENTS", 1 << 30)
+    whole = fn(x, 3, w)
+    for field in ("codes", "offset", "scale", "dequant"):
+        assert torch.equal(getattr(chunked, field), getattr(whole, field)), field
