@@ -51,11 +51,11 @@ def save_copy(gguf_path: str, dtype: str, model, tokenizer) -> Path | None:
     succeeded anyway, so a failed copy only costs the next load its speed)."""
     final = converted_dir(gguf_path, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if weight_bytes > MAX_DISK_FRACTION * shutil.disk_usage(final.parent).free:
             return None
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         # transformers refuses save_pretrained on a model it loaded from GGUF (it counts as
@@ -77,7 +77,7 @@ def save_copy(gguf_path: str, dtype: str, model, tokenizer) -> Path | None:
         os.replace(tmp, final)
         return final
     except OSError:
-        shutil.rmtree(final.with_name(f".{final.name}.{os.getpid()}.tmp"), ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         return None
 
 

@@ -8,6 +8,8 @@ from cvxq_export.calibrate import CalibrationSettings, Sensitivities, calibrate,
 from cvxq_export.model import load_model
 from cvxq_export.textdata import calibration_windows
 
+from calibration_reference import reference_stats  # noqa: E402 - tests/ helper
+
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
@@ -128,40 +130,13 @@ def test_cache_key_follows_the_text_not_the_path_spelling():
 
 
 def _reference_grad_sq(loaded, windows, settings):
-    """The estimator computed the direct way: full ``[T, V]`` logits projected
-    on the output directions, autograd for every weight, float64 squares, and
-    the same random signs as calibrate() (same generator, same order)."""
+    """The direct estimate as calibrate() stores it: float32, unseen embedding rows floored."""
     from cvxq_export.calibrate import _floor_unseen_rows
 
-    model = loaded.model
-    directions, _ = output_directions(loaded, windows[: settings.pca_windows], settings.n_pcs)  # [V, k]
-    params = {r.name: model.get_parameter(r.name) for r in loaded.weights}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in params.values():
-        p.requires_grad_(True)
-    acc = {name: 0.0 for name in params}
-    gen = torch.Generator().manual_seed(settings.seed)
-    try:
-        for row in windows:
-            projected = model(input_ids=torch.as_tensor(row)[None]).logits[0].float() @ directions  # [T, k]
-            signs = (torch.randint(0, 2, projected.shape, generator=gen) * 2 - 1).to(projected)
-            for p in params.values():
-                p.grad = None
-            (projected * signs).sum().backward()
-            for ref in loaded.weights:
-                g = params[ref.name].grad.double()
-                acc[ref.name] = acc[ref.name] + g * g
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
     out = {}
+    stats = reference_stats(loaded, windows, settings)
     for ref in loaded.weights:
-        mean = (acc[ref.name] / len(windows)).numpy()
-        rows = -(-ref.rows // settings.row_group) * settings.row_group
-        padded = np.full((rows, ref.cols), np.nan)
-        padded[: ref.rows] = mean
-        grouped = np.nanmean(padded.reshape(-1, settings.row_group, ref.cols), axis=1).astype(np.float32)
+        grouped = stats[ref.name][0].astype(np.float32)
         out[ref.name] = _floor_unseen_rows(grouped) if ref.kind == "embedding" else grouped
     return out
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from cvxq_export import memory
-from cvxq_export.calibrate import CalibrationSettings, Sensitivities, _GradSquares, calibrate, output_directions
+from cvxq_export.calibrate import CalibrationSettings, Sensitivities, _GradSquares, calibrate
 from cvxq_export.errors import CvxqError
 from cvxq_export.model import load_model
 from cvxq_export.textdata import calibration_windows
+
+from calibration_reference import reference_stats  # noqa: E402 - tests/ helper
 
 # 4 x 32 tokens for the output covariance: more samples than the hidden size (64), so its top directions are well separated
 SETTINGS = CalibrationSettings(n_windows=4, seq_len=32, n_pcs=8, pca_windows=4, row_group=32)
@@ -37,49 +39,13 @@ def _assert_same_stats(a: Sensitivities, b: Sensitivities, rtol: float, atol_fra
             np.testing.assert_allclose(y, x, rtol=rtol, atol=atol_frac * np.abs(x).max(), err_msg=f"{name} {field}")
 
 
-def _reference(loaded, windows, settings):
-    """The statistics the direct way: full logits projected on the output
-    directions, one backward per window with the same random signs as
-    calibrate(), every weight's ``.grad`` read after the pass, float64 squares."""
-    model = loaded.model
-    directions, _ = output_directions(loaded, windows[: settings.pca_windows], settings.n_pcs)  # [V, k]
-    params = {r.name: model.get_parameter(r.name) for r in loaded.weights}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in params.values():
-        p.requires_grad_(True)
-    acc = {n: 0.0 for n in params}
-    rows = {n: 0.0 for n in params}
-    gen = torch.Generator().manual_seed(settings.seed)
-    try:
-        for row in windows:
-            signs = torch.randint(0, 2, (len(row), settings.n_pcs), generator=gen) * 2 - 1
-            projected = model(input_ids=torch.as_tensor(row)[None]).logits[0].float() @ directions  # [T, k]
-            for p in params.values():
-                p.grad = None
-            (projected * signs.float()).sum().backward()
-            for name, p in params.items():
-                g2 = p.grad.double() ** 2  # [rows, cols]
-                acc[name] = acc[name] + g2
-                rows[name] = rows[name] + g2.mean(1)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-    out = {}
-    for ref in loaded.weights:
-        mean = (acc[ref.name] / len(windows)).numpy()  # [rows, cols]
-        grouped = np.stack([mean[i : i + settings.row_group].mean(0) for i in range(0, ref.rows, settings.row_group)])
-        out[ref.name] = (grouped, (rows[ref.name] / len(windows)).numpy())
-    return out
-
-
 def test_hooks_match_the_plain_gradients(llama):
     """Squaring each gradient in its hook gives what reading every ``.grad``
     after the whole backward pass gives (the projected head vs full logits
     differ only by float32 rounding)."""
     windows = _windows(llama)
     sens = calibrate(llama, windows, SETTINGS, progress=False, checkpointing=False)
-    ref = _reference(llama, windows, SETTINGS)
+    ref = reference_stats(llama, windows, SETTINGS)
     for r in llama.weights:
         grouped, rows = ref[r.name]
         if r.kind == "embedding":  # unseen rows are floored afterwards: compare rows that got gradient
