@@ -7,7 +7,7 @@ once the calibration and the menus are cached.
    plan) and the write, with and without error feedback.
 
 Targets on 2 cores: re-plan and write from a cached calibration <= 30 s per format; the full fit
-<= 5 minutes. The stage times come from ``fit``'s own ``report.json`` timings.
+<= 5 minutes. The stage times come from ``fit``'s own timings (``timings.json`` next to its report).
 
     python benchmarks/bench_fit_time.py                      # -> docs/results/engine/fit_time.json
     python benchmarks/bench_fit_time.py --formats gguf --budgets 82.9,74

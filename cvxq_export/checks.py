@@ -39,7 +39,8 @@ def check_text(path: str | Path | None, what: str) -> None:
 
 
 # Upper bounds on counts, so a typo cannot allocate gigabytes before anything else fails.
-LIMITS = {"windows": 100_000, "seq_len": 1 << 20, "n_pcs": 65_536, "eval_windows": 100_000, "max_row_group": 1 << 20,
+# max_row_group: the packed format's largest unit (formats.packed.container.MAX_UNIT_SIZE, a test ties them).
+LIMITS = {"windows": 100_000, "seq_len": 1 << 20, "n_pcs": 65_536, "eval_windows": 100_000, "max_row_group": 1 << 12,
           "context": 1 << 24, "probes": 1_000, "pca_windows": 100_000}
 
 

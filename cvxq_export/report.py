@@ -517,11 +517,68 @@ def _device_memory(budgets: dict[str, dict], artifacts: dict[str, dict | None]) 
 # =========================================================================== writing
 
 
+# What a rerun measures differently (stage times, tokens per second): kept out of
+# report.json, which then holds only what the same inputs reproduce, byte for byte.
+MEASURED_KEYS = frozenset({"timings", "decode_tokens_per_s", "decode_tok_s", "prefill_tok_s"})
+
+
+def split_measured(doc: Any) -> tuple[Any, dict]:
+    """``doc`` without the values under :data:`MEASURED_KEYS`, and those values under the
+    same path of keys (list items by their index as a string)."""
+    measured: dict = {}
+
+    def walk(obj, into: dict):
+        if isinstance(obj, dict):
+            kept = {}
+            for k, v in obj.items():
+                if k in MEASURED_KEYS:
+                    into[k] = v
+                    continue
+                sub: dict = {}
+                kept[k] = walk(v, sub)
+                if sub:
+                    into[k] = sub
+            return kept
+        if isinstance(obj, list):
+            kept_list = []
+            for i, v in enumerate(obj):
+                sub = {}
+                kept_list.append(walk(v, sub))
+                if sub:
+                    into[str(i)] = sub
+            return kept_list
+        return obj
+
+    return walk(doc, measured), measured
+
+
+def relative_paths(doc: Any, out: Path) -> Any:
+    """Paths of files inside ``out`` as paths relative to it (the report then reads the
+    same wherever the output folder is, and moves with it)."""
+    root = Path(out).resolve()
+
+    def walk(obj, key=None):
+        if isinstance(obj, dict):
+            return {k: walk(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v, key) for v in obj]
+        if isinstance(obj, str) and key in ("path", "artifact", "file") and obj:
+            try:
+                return str(Path(obj).resolve().relative_to(root))
+            except (ValueError, OSError):
+                return obj
+        return obj
+
+    return walk(doc)
+
+
 def write_report(out: Path, sections: Sequence[FormatSection], *, model: str, sens=None,
                  device_budgets: dict[str, dict] | None = None, timings: dict | None = None,
                  analysis: dict[str, dict] | None = None, compressed: dict | None = None,
                  extra_artifacts: Sequence[Artifact] = (), notes: Sequence[str] = ()) -> Path:
-    """Write report.json, the PNG plots, report.md and report.html into ``out``; returns report.md's path.
+    """Write report.json, timings.json, the PNG plots, report.md and report.html into ``out``;
+    returns report.md's path. report.json and report.md up to its Timings section are the
+    same for the same inputs; what a rerun measures differently is in timings.json.
 
     ``sections``: one per format written (or planned); ``device_budgets`` the device
     profile's budget breakdown per format (each runtime allocates its own KV cache; None
@@ -588,7 +645,9 @@ def write_report(out: Path, sections: Sequence[FormatSection], *, model: str, se
                 images[fname] = (out / fname).read_bytes()
     from .analysis.analyze import jsonable
 
-    write_json(out / "report.json", jsonable(data.to_json(plots)))
+    content, measured = split_measured(relative_paths(jsonable(data.to_json(plots)), out))
+    write_json(out / "report.json", content)
+    write_json(out / "timings.json", measured)
     md = render(data, plots)
     write_text(out / "report.md", md)
     write_text(out / "report.html", markdown_to_html(md, images, f"cvxq-export report: {model}"))

@@ -127,6 +127,16 @@ def test_roundtrip_bit_exact_every_depth_and_kind(synth):
         assert pf.raw("e_proj.weight.codes").size == 0 and pf.raw("e_proj.weight.scale").size == 0
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1 << 20])
+def test_decode_steps_of_any_size_give_the_same_weights(synth, monkeypatch, chunk):
+    """weight() decodes ~_CHUNK weights per step: several row groups, one row group, or a
+    run of its column groups; every split gives the same bits."""
+    monkeypatch.setattr(packed, "_CHUNK", chunk)
+    with read_packed(synth.path) as pf:
+        for name, qt in synth.qts.items():
+            assert same_bits(pf.weight(name), qt.dequant.numpy()), (name, chunk)
+
+
 def test_bit_order_is_lsb_first_and_codes_straddle_bytes():
     from cvxq_export.formats.packed.container import _unpack, pack_codes
 
@@ -167,7 +177,10 @@ def test_layout_alignment_sizes_and_safetensors_compatible(synth):
 
     from cvxq_export.native import BUFFER_ALIGN
 
+    from cvxq_export.checks import LIMITS
+
     assert packed.ALIGN == BUFFER_ALIGN
+    assert LIMITS["max_row_group"] == packed.MAX_UNIT_SIZE  # every plan's units fit the format
     size = synth.path.stat().st_size
     assert size == synth.info["file_bytes"]
     with read_packed(synth.path) as pf:
@@ -307,10 +320,14 @@ def _split(path: Path):
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def _join(header: dict | str, data: bytes) -> bytes:
+def _join(header: dict | str, data: bytes, seal: bool = True) -> bytes:
+    """A file from an edited header; ``seal`` recomputes the header checksum so the edit
+    reaches the check it targets (unsealed, every edit is a header crc32 mismatch)."""
     text = header if isinstance(header, str) else json.dumps(header, separators=(",", ":"))
     h = text.encode()
     h += b" " * ((-(8 + len(h))) % 64)
+    if seal and h.count(b'"header_crc32":"') == 1:
+        h = packed.seal_header(h)
     return len(h).to_bytes(8, "little") + h + data
 
 
@@ -368,7 +385,7 @@ def _huge_rows(header, data):
 
 
 def _version(header, data):
-    header["__metadata__"]["version"] = "2"
+    header["__metadata__"]["version"] = "3"
 
 
 def _format(header, data):
@@ -377,6 +394,10 @@ def _format(header, data):
 
 def _drop(name):
     return lambda header, data: header.pop(name)
+
+
+def _drop_meta(key):
+    return lambda header, data: header["__metadata__"].pop(key)
 
 
 def _dup_key(path: Path) -> bytes:
@@ -394,10 +415,36 @@ def _pad_nonzero(header, data):
     return header, bytes(data)
 
 
-def _garbage_json(path: Path) -> bytes:
-    raw = bytearray(path.read_bytes())
-    raw[20:40] = b"@" * 20
-    return bytes(raw)
+def _garbage_json(seal: bool):
+    def apply(path: Path) -> bytes:
+        raw = bytearray(path.read_bytes())
+        raw[20:40] = b"@" * 20
+        n = int.from_bytes(raw[:8], "little")
+        if seal:
+            raw[8 : 8 + n] = packed.seal_header(bytes(raw[8 : 8 + n]))
+        return bytes(raw)
+    return apply
+
+
+def _edit_plan(header, data):
+    header["__metadata__"]["plan"] = header["__metadata__"]["plan"].replace("synthetic", "synthetiC")
+
+
+def _unsealed(fn):
+    def apply(path: Path) -> bytes:
+        header, data = _split(path)
+        fn(header, data)
+        return _join(header, data, seal=False)
+    return apply
+
+
+def _second_crc_field(header, data):
+    # a key whose escaped text contains the field: the checksum field is no longer unique
+    header["__metadata__"]['x"header_crc32'] = "00000000"
+
+
+def _trailing_bytes(path: Path) -> bytes:
+    return path.read_bytes() + b"\0" * 64
 
 
 def _length(value: int):
@@ -427,15 +474,20 @@ MALFORMED = {
     "header-length-huge": (_length(2**40), "exceeds the limit", True),
     "header-length-max": (_length(2**64 - 1), "exceeds the limit", True),
     "header-length-tiny": (_length(1), "too small", True),
-    "garbage-json": (_garbage_json, "not valid JSON", True),
-    "unknown-version": (_mutate_header(_version), "version '2'", True),
+    "garbage-json": (_garbage_json(seal=False), "header crc32", True),
+    "garbage-json-resealed": (_garbage_json(seal=True), "not valid JSON", True),
+    "edited-plan": (_unsealed(_edit_plan), "header crc32", True),
+    "no-header-checksum": (_unsealed(_drop_meta("header_crc32")), "no single header_crc32", True),
+    "two-header-checksums": (_mutate_header(_second_crc_field), "header_crc32", True),
+    "bytes-after-last-buffer": (_trailing_bytes, "after its last buffer", True),
+    "unknown-version": (_mutate_header(_version), "version '3'", True),
     "wrong-format": (_mutate_header(_format), "is not a cvxq-packed file", True),
     "offset-past-end": (_mutate_header(_past_end), "run past the end of the data section", True),
     "overlapping-buffers": (_mutate_header(_overlap), "overlap", True),
     "misaligned-buffer": (_mutate_header(_shift), "not on a 64-byte boundary", True),
     "huge-buffer-shape": (_mutate_header(_huge_buffer), "but data_offsets span", True),
-    "huge-tensor-shape": (_mutate_header(_huge_tensor), "expected", True),
-    "huge-row-count": (_mutate_header(_huge_rows), "expected", True),
+    "huge-tensor-shape": (_mutate_header(_huge_tensor), "weights per tensor", True),
+    "huge-row-count": (_mutate_header(_huge_rows), "weights per tensor", True),
     "bad-map-byte": (_set_map_byte(0x09, fix_crc=True), "map byte 0x09", True),
     "bad-map-kind": (_set_map_byte(0x23, fix_crc=True), "map byte 0x23", True),
     "corrupted-map-crc": (_set_map_byte(0x02, fix_crc=False), "crc32", True),

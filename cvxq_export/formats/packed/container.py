@@ -1,4 +1,4 @@
-"""The packed mobile format, ``cvxq-packed`` version 1: writer, NumPy reader, loader.
+"""The packed reference format, ``cvxq-packed`` version 2: writer, NumPy reader, loader.
 
 One safetensors-compatible file holds a model quantized under a native CVXQ
 plan exactly as the allocator costed it: per quantized tensor four buffers
@@ -28,18 +28,22 @@ import numpy as np
 from ...errors import CvxqError
 
 FORMAT_NAME = "cvxq-packed"
-FORMAT_VERSION = "1"
-KNOWN_VERSIONS = ("1",)
+FORMAT_VERSION = "2"
+KNOWN_VERSIONS = ("2",)  # version 1 had no header checksum
 FILE_NAME = "model.cvxq.safetensors"
 ALIGN = 64  # == native.BUFFER_ALIGN (native imports torch, so the value is repeated; a test ties them)
 MAX_HEADER_BYTES = 100_000_000  # a reader refuses larger headers before reading them
 MAX_BITS = 8
-MAX_UNIT_SIZE = 1 << 24  # row_group * col_group; readers may refuse larger units
+MAX_UNIT_SIZE = 1 << 12  # row_group * col_group: bounds what one stored unit can expand to
+MAX_TENSOR_ELEMENTS = 1 << 32  # rows * cols of one quantized tensor (16 GiB as float32)
 DTYPES = {"U8": np.dtype("u1"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 CODE_SUFFIXES = ("codes", "map", "offset", "scale")
 LEVELS_PREFIX = "__levels__.b"
 PAD_PREFIX = "__pad__."
 _CHUNK = 1 << 20  # elements decoded / packed per step (bounds temporary memory)
+HEADER_CRC_KEY = "header_crc32"
+_HEADER_CRC_FIELD = b'"header_crc32":"'
+_HEADER_CRC_PLACEHOLDER = b"00000000"
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 
@@ -58,6 +62,37 @@ def _dumps(obj: Any) -> str:
 
 def _crc(data) -> str:
     return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def _header_crc_position(header: bytes) -> int:
+    """Byte index of the header checksum's 8 hex digits inside ``header``; -1 if the
+    field is missing, -2 if it appears more than once."""
+    at = header.find(_HEADER_CRC_FIELD)
+    if at < 0:
+        return -1
+    if header.find(_HEADER_CRC_FIELD, at + 1) >= 0:
+        return -2
+    return at + len(_HEADER_CRC_FIELD)
+
+
+def header_checksum(header: bytes) -> str:
+    """The ``header_crc32`` a header must carry: CRC-32 of the file's first ``8 + N``
+    bytes (the length, the JSON and its padding) with the checksum's own 8 hex digits
+    read as ``00000000``. ``header`` is the ``N`` bytes after the length."""
+    pos = _header_crc_position(header)
+    if pos < 0:
+        raise ValueError("the header has no single header_crc32 field")
+    zeroed = header[:pos] + _HEADER_CRC_PLACEHOLDER + header[pos + 8 :]
+    return _crc(len(header).to_bytes(8, "little") + zeroed)
+
+
+def seal_header(header: bytes) -> bytes:
+    """``header`` with its ``header_crc32`` value set (the writer emits a placeholder;
+    tools that edit a header on purpose, such as the fuzz suite, reseal it here)."""
+    pos = _header_crc_position(header)
+    if pos < 0:
+        raise ValueError("the header has no single header_crc32 field")
+    return header[:pos] + header_checksum(header).encode("ascii") + header[pos + 8 :]
 
 
 def weight_checksum(w: np.ndarray) -> str:
@@ -122,7 +157,7 @@ def _encode_header(entries: list[tuple[_Buffer, int, int]], metadata: dict[str, 
     for buf, begin, end in entries:
         header[buf.name] = {"dtype": buf.dtype, "shape": list(buf.shape), "data_offsets": [begin, end]}
     raw = _dumps(header).encode("ascii")
-    return raw + b" " * ((-(8 + len(raw))) % ALIGN)
+    return seal_header(raw + b" " * ((-(8 + len(raw))) % ALIGN))
 
 
 def _plan_for_header(plan_json: dict | None) -> dict:
@@ -323,6 +358,7 @@ def write_packed(path: str | Path, qtensors: dict, unquantized: dict, *, plan_js
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "checksum": "crc32",
+        HEADER_CRC_KEY: _HEADER_CRC_PLACEHOLDER.decode(),
         "tensors": _dumps(tensors),
         "crc32": _dumps({b.name: _crc(b.data) for b in buffers}),
         "plan": _dumps(_plan_for_header(plan_json)),
@@ -430,6 +466,7 @@ def overhead_upper_bound(tensors: dict[str, dict], unquantized: dict[str, tuple[
     big_int = 10 ** len(str(10 * pos))  # more digits than any byte count or weight count of this model
     metadata = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": "crc32",
+        HEADER_CRC_KEY: _HEADER_CRC_PLACEHOLDER.decode(),
         "tensors": _dumps(tensors),
         "crc32": _dumps({b.name: "ffffffff" for b, _ in buffers}),
         "plan": _dumps(_maximize(_plan_for_header(plan_json), big_int)),
@@ -667,14 +704,15 @@ class PackedFile:
         except MemoryError:
             raise CvxqError(f"{self.path}: tensor {name} claims [{t.rows:,}, {t.cols:,}] weights, more float32 than "
                             "this machine can hold", "check that the file is intact; decode it on a larger machine") from None
-        bands = max(1, _CHUNK // max(1, n_cg * size))  # row-group bands per step
-        for band in range(0, t.rows // r, bands):
-            k = min(bands, t.rows // r - band)
-            lo, hi = band * n_cg, (band + k) * n_cg
+        # one step decodes at most ~_CHUNK weights: several row groups when a row group is
+        # small, else a run of column groups of one row group (temporaries stay bounded)
+        per_step = max(1, _CHUNK // size)  # units per step
+        for rg0, rg1, cg0, cg1 in _steps(t.rows // r, n_cg, per_step):
+            lo, hi = rg0 * n_cg + cg0, (rg1 - 1) * n_cg + cg1
             b, kd = bits[lo:hi], kind[lo:hi]
             codes = _unpack(codes_buf, b, start[lo:hi], size)
             off, sc = offset[lo:hi], scale[lo:hi]
-            val = np.empty((hi - lo, size), dtype=np.float32)
+            val = np.empty((hi - lo, size), dtype=np.float32)  # [units, r * c]
             zero = b == 0
             val[zero] = off[zero][:, None]
             uni = (b > 0) & (kd == 0)
@@ -683,12 +721,26 @@ class PackedFile:
                 sel = (b == depth) & (kd == 1)
                 if sel.any():
                     val[sel] = off[sel][:, None] + sc[sel][:, None] * table[codes[sel]]
-            out[band * r : (band + k) * r] = val.reshape(k, n_cg, r, c).transpose(0, 2, 1, 3).reshape(k * r, t.cols)
+            k, n = rg1 - rg0, cg1 - cg0  # [k row groups, n column groups, r, c] -> [k * r, n * c]
+            out[rg0 * r : rg1 * r, cg0 * c : cg1 * c] = val.reshape(k, n, r, c).transpose(0, 2, 1, 3).reshape(k * r, n * c)
         return out
 
     def checksum(self, name: str) -> str:
         """:func:`weight_checksum` of :meth:`weight` (what ``packed_decoder FILE NAME`` prints)."""
         return weight_checksum(self.weight(name))
+
+
+def _steps(n_rg: int, n_cg: int, per_step: int):
+    """Decode steps ``(rg0, rg1, cg0, cg1)`` of at most ``per_step`` units each: whole
+    row groups ``rg0..rg1`` when one fits, else column-group runs of one row group."""
+    if n_cg <= per_step:
+        k = per_step // n_cg
+        for rg in range(0, n_rg, k):
+            yield rg, min(rg + k, n_rg), 0, n_cg
+    else:
+        for rg in range(n_rg):
+            for cg in range(0, n_cg, per_step):
+                yield rg, rg + 1, cg, min(cg + per_step, n_cg)
 
 
 def _unpack(buf: np.ndarray, bits: np.ndarray, start: np.ndarray, size: int) -> np.ndarray:
@@ -815,6 +867,16 @@ def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: b
     bad = lambda what: _bad(path, what)  # noqa: E731
     if raw[:1] != b"{":
         raise bad("the header does not start with '{'")
+    # the header checksum first: an edited header (plan, config, shapes, flags) is
+    # refused as such instead of being read as different content
+    crc_at = _header_crc_position(raw)
+    stored_crc = raw[crc_at : crc_at + 8] if crc_at >= 0 else b""
+    if crc_at >= 0 and re.fullmatch(rb"[0-9a-f]{8}", stored_crc) and raw[crc_at + 8 : crc_at + 9] == b'"':
+        if header_checksum(raw) != stored_crc.decode():
+            raise bad(f"header crc32 {header_checksum(raw)} does not match the stored {stored_crc.decode()} "
+                      "(corrupted or edited header)")
+    else:  # refused below, once the header shows whether it is a cvxq-packed file of this version at all
+        stored_crc = None
     try:
         header = _loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -836,7 +898,11 @@ def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: b
         raise CvxqError(f"{path} has {FORMAT_NAME} version {meta.get('version')!r}; this reader knows version "
                         f"{', '.join(KNOWN_VERSIONS)}", "upgrade cvxq-export, or re-export the file with this version")
     if meta.get("checksum") != "crc32":
-        raise bad(f"unknown checksum algorithm {meta.get('checksum')!r} (version 1 uses crc32)")
+        raise bad(f"unknown checksum algorithm {meta.get('checksum')!r} (version {FORMAT_VERSION} uses crc32)")
+    if stored_crc is None:
+        raise bad("the header has no single header_crc32 field of 8 lowercase hex digits")
+    if meta.get(HEADER_CRC_KEY) != stored_crc.decode():
+        raise bad(f"__metadata__ {HEADER_CRC_KEY} is not the header's one checksum field")
     for key in ("tensors", "crc32"):
         if key not in meta:
             raise bad(f"__metadata__ has no {key!r}")
@@ -873,6 +939,9 @@ def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: b
     for prev, cur in zip(ordered, ordered[1:]):
         if cur.begin < prev.end:
             raise bad(f"buffers {prev.name} and {cur.name} overlap")
+    used = max((b.end for b in ordered), default=start) - start
+    if used != data_len:
+        raise bad(f"the data section has {data_len - used:,} bytes after its last buffer")
 
     # ---- metadata JSON
     try:
@@ -938,6 +1007,8 @@ def _check_tensor(path, name: str, t: Any, buffers: dict[str, BufferInfo]) -> Te
         raise bad(f"units of {r}x{c} do not tile [{rows}, {cols}]")
     if r * c > MAX_UNIT_SIZE:
         raise bad(f"unit size {r * c:,} exceeds the limit {MAX_UNIT_SIZE:,}")
+    if rows * cols > MAX_TENSOR_ELEMENTS:
+        raise bad(f"[{rows:,}, {cols:,}] exceeds the limit of {MAX_TENSOR_ELEMENTS:,} weights per tensor")
     transposed, also, bias = t.get("transposed"), t.get("also", []), t.get("bias")
     if not isinstance(transposed, bool):
         raise bad("transposed must be true or false")

@@ -1,5 +1,5 @@
 /*
- * packed_decoder.c - reference decoder for cvxq-packed version 1 files
+ * packed_decoder.c - reference decoder for cvxq-packed version 2 files
  * (specification: docs/packed-format.md of cvxq-export).
  *
  *   cc -std=c99 -O2 -ffp-contract=off -o packed_decoder packed_decoder.c
@@ -15,9 +15,12 @@
  *
  * Everything read from the file is bounds-checked before use: a malformed
  * file ends with "packed_decoder: error: ..." on stderr and exit status 1,
- * never an out-of-bounds read. Usage errors exit with status 2. Memory use is
- * bounded by the header limit, the buffers of one tensor (all inside the
- * file) and one band of row_group rows of float32.
+ * never an out-of-bounds read. Usage errors exit with status 2. The header's
+ * CRC-32 is checked before it is parsed, each buffer's before it is used.
+ * Memory use is bounded by the header limit, the buffers of one tensor (all
+ * inside the file) and one band of row_group rows of float32; work by the
+ * tensor's rows x cols (at most MAX_TENSOR_ELEMENTS, each unit at most
+ * MAX_UNIT_SIZE weights).
  *
  * Reconstruction must be IEEE float32 with each operation rounded once
  * (FLT_EVAL_METHOD == 0, no fused multiply-add); the product is stored in a
@@ -49,11 +52,14 @@ typedef off_t file_off;
 #endif
 
 #define FORMAT_NAME "cvxq-packed"
+#define FORMAT_VERSION "2"
+#define HEADER_CRC_FIELD "\"header_crc32\":\""
 #define ALIGN 64u
 #define MAX_HEADER 100000000ull           /* bytes */
 #define MAX_JSON_NODES (1 << 21)          /* per JSON document */
 #define MAX_JSON_DEPTH 64
-#define MAX_UNIT_SIZE (1ull << 24)        /* row_group * col_group */
+#define MAX_UNIT_SIZE (1ull << 12)        /* row_group * col_group */
+#define MAX_TENSOR_ELEMENTS (1ull << 32)  /* rows * cols */
 #define MAX_BAND_ELEMS (1ull << 26)       /* row_group * cols floats decoded at once (256 MiB) */
 #define FNV_OFFSET 0xcbf29ce484222325ull
 #define FNV_PRIME 0x100000001b3ull
@@ -425,10 +431,29 @@ static void crc_init(void) {
     }
 }
 
-static uint32_t crc32_of(const unsigned char *p, uint64_t n) {
-    uint32_t c = 0xFFFFFFFFu;
+/* CRC-32 (zlib's) continued over p[0..n): start with c = 0, feed the pieces in order */
+static uint32_t crc32_update(uint32_t c, const unsigned char *p, uint64_t n) {
+    c ^= 0xFFFFFFFFu;
     for (uint64_t i = 0; i < n; i++) c = CRC_TABLE[(c ^ p[i]) & 0xFF] ^ (c >> 8);
     return c ^ 0xFFFFFFFFu;
+}
+
+static uint32_t crc32_of(const unsigned char *p, uint64_t n) { return crc32_update(0, p, n); }
+
+/* Where the header checksum's 8 hex digits start: the field must appear exactly once */
+static size_t header_crc_position(const char *h, size_t n) {
+    const size_t flen = strlen(HEADER_CRC_FIELD);
+    size_t found = 0, at = 0;
+    for (size_t i = 0; i + flen <= n; i++)
+        if (h[i] == '"' && memcmp(h + i, HEADER_CRC_FIELD, flen) == 0) {
+            if (found++) fail("the header has more than one header_crc32 field");
+            at = i + flen;
+        }
+    if (!found) fail("the header has no header_crc32 field");
+    if (at + 9 > n || h[at + 8] != '"') fail("header_crc32 is not 8 lowercase hex digits");
+    for (size_t i = at; i < at + 8; i++)
+        if (!((h[i] >= '0' && h[i] <= '9') || (h[i] >= 'a' && h[i] <= 'f'))) fail("header_crc32 is not 8 lowercase hex digits");
+    return at;
 }
 
 static float half_to_float(uint16_t h) {
@@ -526,6 +551,16 @@ int main(int argc, char **argv) {
     if (header[0] != '{') fail("the header does not start with '{'");
     uint64_t data_start = 8 + hlen, data_len = pf.size - data_start;
     if (data_start % ALIGN) fail("the data section starts at byte %llu, not on a %u-byte boundary", (unsigned long long)data_start, ALIGN);
+    /* the header checksum: CRC-32 of the length and the header, its own 8 digits read as '0' */
+    size_t crc_at = header_crc_position(header, (size_t)hlen);
+    char stored_crc[9], header_crc[9];
+    memcpy(stored_crc, header + crc_at, 8);
+    stored_crc[8] = 0;
+    memset(header + crc_at, '0', 8);
+    snprintf(header_crc, sizeof header_crc, "%08lx",
+             (unsigned long)crc32_update(crc32_of(lenbuf, 8), (const unsigned char *)header, hlen));
+    memcpy(header + crc_at, stored_crc, 8);
+    if (strcmp(header_crc, stored_crc) != 0) fail("header crc32 %s does not match the stored %s (corrupted or edited header)", header_crc, stored_crc);
 
     jdoc top;
     jparse(&top, header, (size_t)hlen, "the header");
@@ -584,6 +619,7 @@ int main(int argc, char **argv) {
     qsort(by_off, n_entries, sizeof(entry *), cmp_offsets);
     for (size_t i = 1; i < n_entries; i++)
         if (by_off[i]->begin < by_off[i - 1]->end) fail("buffers %s and %s overlap", by_off[i - 1]->name, by_off[i]->name);
+    if ((n_entries ? by_off[n_entries - 1]->end : data_start) != pf.size) fail("the data section has bytes after its last buffer");
     qsort(by_name, n_entries, sizeof(entry *), cmp_names);
     for (size_t i = 1; i < n_entries; i++)
         if (strcmp(by_name[i]->name, by_name[i - 1]->name) == 0) fail("buffer %s appears twice", by_name[i]->name);
@@ -593,11 +629,13 @@ int main(int argc, char **argv) {
         if (!jis(&top, top.nodes[key].first, J_STR)) fail("__metadata__ values must be strings");
     int fmt = jget(&top, meta, "format"), ver = jget(&top, meta, "version"), ck = jget(&top, meta, "checksum");
     if (fmt < 0 || !jstr_eq(&top, fmt, FORMAT_NAME)) fail("not a %s file", FORMAT_NAME);
-    if (ver < 0 || !jstr_eq(&top, ver, "1")) {
+    if (ver < 0 || !jstr_eq(&top, ver, FORMAT_VERSION)) {
         char *v = ver >= 0 ? jstr(&top, ver, NULL) : NULL;
-        fail("unsupported %s version \"%s\"; this decoder knows version 1", FORMAT_NAME, v ? v : "(none)");
+        fail("unsupported %s version \"%s\"; this decoder knows version " FORMAT_VERSION, FORMAT_NAME, v ? v : "(none)");
     }
-    if (ck < 0 || !jstr_eq(&top, ck, "crc32")) fail("unknown checksum algorithm (version 1 uses crc32)");
+    if (ck < 0 || !jstr_eq(&top, ck, "crc32")) fail("unknown checksum algorithm (version " FORMAT_VERSION " uses crc32)");
+    int hc = jget(&top, meta, "header_crc32");
+    if (hc < 0 || !jstr_eq(&top, hc, stored_crc)) fail("__metadata__ header_crc32 is not the header's one checksum field");
     int tmeta = jget(&top, meta, "tensors"), cmeta = jget(&top, meta, "crc32");
     if (tmeta < 0 || cmeta < 0) fail("__metadata__ lacks \"tensors\" or \"crc32\"");
     size_t tlen, clen;
@@ -638,6 +676,8 @@ int main(int argc, char **argv) {
     uint64_t unit_size, n_units, band;
     if (!mul_ok(r, c, &unit_size) || unit_size > MAX_UNIT_SIZE) fail("tensor %s: unit size exceeds the limit %llu", tname, MAX_UNIT_SIZE);
     if (!mul_ok(rows / r, cols / c, &n_units)) fail("tensor %s: too many units", tname);
+    if (rows > MAX_TENSOR_ELEMENTS / cols) fail("tensor %s: [%llu, %llu] exceeds the limit of %llu weights per tensor", tname,
+                                               (unsigned long long)rows, (unsigned long long)cols, MAX_TENSOR_ELEMENTS);
     if (!mul_ok(r, cols, &band) || band > MAX_BAND_ELEMS) fail("tensor %s: a band of %llu rows x %llu columns exceeds this decoder's limit", tname,
                                                                (unsigned long long)r, (unsigned long long)cols);
 
