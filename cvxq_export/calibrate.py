@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .activations import InputSums
 from .errors import CvxqError
 from .model import LoadedModel, WeightRef
 
@@ -524,7 +525,7 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
     forward_pass = [False]  # True while the model's forward pass runs (not its recomputation)
     n_tokens = torch.zeros(1, dtype=torch.float64, device=device)
     hooks = []
-    moments = _MomentSums(loaded, refs, device) if moment_windows > 0 else None
+    moments = InputSums(loaded, refs, outer=True, squares=False, device=device) if moment_windows > 0 else None
     if moments is not None:
         hooks += moments.register(lambda: forward_pass[0])
     for ref in refs:
@@ -598,62 +599,13 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
         stats[ref.name] = WeightStats(grad_sq, (grads.row_sum[ref.name] / n_samples).float().cpu().numpy(), mean, sq)
     return Sensitivities(stats, settings, model_fingerprint(loaded), time.perf_counter() - start,
                          [float(v) for v in variances[:k].tolist()],
-                         moments.result() if moments is not None else None)
+                         _float32(moments.means(moments.outer_sums, dist.all_reduce_sum)) if moments is not None else None)
 
 
-class _MomentSums:
-    """``sum_t x_t x_t^T`` of every quantizable weight's input over the windows marked
-    active, from forward hooks (the tied embedding gets the output head's input, as in
-    :func:`.activations.input_module`).
-
-    Weights that read the same input tensor (q/k/v, gate/up) share one sum: within a
-    window the first hook to see a tensor owns it and the others alias it. Sums are
-    float32 per window, float64 across windows (as :mod:`.activations` does)."""
-
-    def __init__(self, loaded: LoadedModel, refs: list[WeightRef], device: str):
-        from .activations import input_module
-
-        self.modules = [(ref.name, m) for ref in refs if (m := input_module(loaded, ref)) is not None]
-        self.device = device
-        self.sums: dict[str, object] = {}  # owner name -> [cols, cols] float64
-        self.tokens: dict[str, int] = {}
-        self.alias: dict[str, str] = {}  # weight name -> owner name
-        self.active = False
-        self._seen: list = []  # (input tensor, owner name) of this window; kept alive until it ends
-
-    def register(self, in_forward) -> list:
-        def hook(mod, inp, out, name):
-            if not self.active or not in_forward():
-                return
-            x = inp[0]
-            for seen, owner in self._seen:
-                if seen is x:
-                    self.alias[name] = owner
-                    return
-            self._seen.append((x, name))
-            flat = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, cols]
-            outer = (flat.T @ flat).double().to(self.device)  # [cols, cols]
-            self.sums[name] = self.sums[name] + outer if name in self.sums else outer
-            self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
-
-        return [m.register_forward_hook(lambda mod, inp, out, name=name: hook(mod, inp, out, name))
-                for name, m in self.modules]
-
-    def start_window(self, active: bool) -> None:
-        self.active, self._seen = active, []
-
-    def result(self) -> dict[str, np.ndarray]:
-        from . import distributed as dist
-
-        self._seen = []
-        means: dict[str, np.ndarray] = {}
-        for owner, total in self.sums.items():
-            dist.all_reduce_sum(total)
-            count = total.new_tensor([float(self.tokens[owner])])
-            dist.all_reduce_sum(count)
-            means[owner] = (total / count).float().cpu().numpy()
-        return {name: means[self.alias.get(name, name)] for name, _ in self.modules
-                if self.alias.get(name, name) in means}
+def _float32(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float32 copies, one per shared array (q/k/v keep sharing one)."""
+    done: dict[int, np.ndarray] = {}
+    return {name: done.setdefault(id(a), a.astype(np.float32)) for name, a in means.items()}
 
 
 def _floor_unseen_rows(grad_sq: np.ndarray) -> np.ndarray:

@@ -150,6 +150,7 @@ def cmd_devices(args) -> dict:
     from .devices import list_devices, load_device, model_shape_from_config, weight_budget
     from .sizes import format_size
 
+    check_positive(context=args.context)
     if args.model:
         from transformers import AutoConfig
 

@@ -16,6 +16,7 @@ from .gguf_header import GGUFHeader, ggml_block, read_gguf_header
 MAX_HEADS = 1 << 14
 MAX_CONTEXT = 1 << 24
 MAX_WIDTH = 1 << 20  # embedding / feed-forward length
+FLOAT_TYPES = (0, 1, 30)  # ggml F32, F16, BF16
 FIX = "the file is damaged or was not written by a GGUF converter: convert or download it again"
 
 
@@ -46,6 +47,15 @@ def _tensor_problems(header: GGUFHeader, path: str) -> list[str]:
             problems.append(f"tensor {t.name!r} has unknown ggml type {t.ggml_type}")
             continue
         block, type_size = layout
+        if not 1 <= len(t.shape) <= 4 or min(t.shape) < 1:
+            problems.append(f"tensor {t.name!r} has shape {list(t.shape)}: 1 to 4 dimensions of at least 1")
+            continue
+        if len(t.shape) == 1 and t.ggml_type not in FLOAT_TYPES:
+            # norms and biases enter element-wise adds and products, which llama.cpp runs on
+            # float vectors only (anything else aborts the process mid-inference)
+            problems.append(f"tensor {t.name!r} is a vector of ggml type {t.ggml_type}; vectors (norms, biases) "
+                            "must be F32, F16 or BF16")
+            continue
         if t.shape[0] % block:
             problems.append(f"tensor {t.name!r}: rows of {t.shape[0]} values are not whole blocks of {block}")
             continue

@@ -11,7 +11,9 @@ allocation or a hang.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,18 +139,39 @@ class _Cursor:
             raise self.fail("a string is not UTF-8") from None
 
 
+# The last headers read, by file identity: a fit asks for the same header from several
+# stages (architecture check, memory estimate, loader checks, GGUF writer); each read of a
+# large vocabulary costs a fraction of a second. Callers treat headers as read-only.
+_RECENT: OrderedDict = OrderedDict()
+_RECENT_MAX = 2
+
+
 def read_gguf_header(path: str | Path, *, arrays: bool = False) -> GGUFHeader:
     """The header of ``path``: scalar and string metadata and the tensor directory.
     ``arrays``: also decode array values (the vocabulary, merges, token types) and long
-    strings (the chat template), with every key's value type: all of the metadata."""
+    strings (the chat template), with every key's value type: all of the metadata.
+    A file read before and unchanged since (same inode, size and mtime) is not parsed again."""
     path = str(path)
+    try:
+        st = os.stat(path)
+        identity = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError as exc:
+        raise CvxqError(f"cannot read {path} as a GGUF file: {exc}", "check the path and the file") from None
+    for key in ((identity, True), (identity, arrays)):
+        if key in _RECENT:
+            _RECENT.move_to_end(key)
+            return _RECENT[key]
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             cursor = _Cursor(buf, path)
             cursor.arrays = arrays
-            return _parse(cursor)
+            header = _parse(cursor)
     except (OSError, ValueError) as exc:  # ValueError: mmap of an empty file
         raise CvxqError(f"cannot read {path} as a GGUF file: {exc}", "check the path and the file") from None
+    _RECENT[(identity, arrays)] = header
+    while len(_RECENT) > _RECENT_MAX:
+        _RECENT.popitem(last=False)
+    return header
 
 
 def _parse(c: _Cursor) -> GGUFHeader:

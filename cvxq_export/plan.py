@@ -151,6 +151,9 @@ class Plan:
             raise CvxqError(f"plan file {path} does not exist", "make one with `cvxq-export plan ... -o DIR`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CvxqError(f"plan file {path} is not valid JSON: {exc}", "regenerate it with `cvxq-export plan`") from None
+        except RecursionError:
+            raise CvxqError(f"plan file {path} nests JSON deeper than any plan does",
+                            "regenerate it with `cvxq-export plan`") from None
         except OSError as exc:
             raise CvxqError(f"cannot read plan file {path}: {exc.strerror or exc}", "check the path and its permissions") from None
         problems = plan_schema_problems(d)

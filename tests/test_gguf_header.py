@@ -38,6 +38,17 @@ def test_reads_what_gguf_py_reads(tmp_path):
     assert header.parameters == sum(int(t.n_elements) for t in reader.tensors) == 4 * 32 + 32
 
 
+def test_an_unchanged_file_is_parsed_once_a_changed_one_again(tmp_path):
+    path = _header_file(tmp_path / "m.gguf")
+    first = read_gguf_header(path)
+    assert read_gguf_header(path) is first  # the same file, unchanged: no second parse
+    full = read_gguf_header(path, arrays=True)
+    assert full is not first and read_gguf_header(path) is full  # the full header serves both
+    other = _header_file(tmp_path / "other.gguf", arch="qwen2")
+    other.replace(path)  # another file under the same name
+    assert read_gguf_header(path).architecture == "qwen2"
+
+
 @pytest.mark.parametrize("cut", [0, 3, 10, 30, 60, 100])
 def test_truncated_header_is_a_clear_error(tmp_path, cut):
     data = _header_file(tmp_path / "m.gguf").read_bytes()
@@ -90,6 +101,7 @@ def _model_file(path, **overrides):
     hp = {"block_count": 2, "context_length": 256, "embedding_length": 32, "feed_forward_length": 64,
           "attention.head_count": 4, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-5}
     with_tensors = overrides.pop("tensors", True)
+    quantized_norm = overrides.pop("quantized_norm", False)
     hp.update(overrides)
     writer = gguf.GGUFWriter(str(path), "llama")
     for key, value in hp.items():
@@ -103,6 +115,8 @@ def _model_file(path, **overrides):
         for layer in range(2):
             writer.add_tensor(f"blk.{layer}.attn_q.weight", np.zeros((32, 32), np.float32))
         writer.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+        if quantized_norm:  # 32 weights as one Q4_0 block (18 bytes)
+            writer.add_tensor("output_norm.weight", np.zeros(18, np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -120,6 +134,7 @@ BAD_FILES = {
     "heads not a multiple of KV heads": ({"attention.head_count": 6, "attention.head_count_kv": 4}, "multiple"),
     "context 0": ({"context_length": 0}, "context_length"),
     "no tensors (random weights)": ({"tensors": False}, "no tensors"),
+    "a Q4_0 norm (llama.cpp aborts in its multiply)": ({"quantized_norm": True}, "must be F32, F16 or BF16"),
 }
 
 

@@ -356,6 +356,17 @@ def _set_map_byte(value: int, fix_crc: bool):
     return _mutate_header(fn)
 
 
+def _set_value(buffer: str, value: bytes):
+    """The first value of ``buffer`` replaced, its crc32 recomputed: a well-formed, hostile file."""
+    def fn(header, data):
+        b, e = header[buffer]["data_offsets"]
+        data = bytearray(data)
+        data[b : b + len(value)] = value
+        _meta_json(header, "crc32", lambda c: c.__setitem__(buffer, f"{zlib.crc32(bytes(data[b:e])):08x}"))
+        return header, bytes(data)
+    return _mutate_header(fn)
+
+
 def _overlap(header, data):
     header["d_proj.weight.map"]["data_offsets"] = [header["d_proj.weight.codes"]["data_offsets"][0],
                                                    header["d_proj.weight.codes"]["data_offsets"][0] + 264]
@@ -491,6 +502,9 @@ MALFORMED = {
     "bad-map-byte": (_set_map_byte(0x09, fix_crc=True), "map byte 0x09", True),
     "bad-map-kind": (_set_map_byte(0x23, fix_crc=True), "map byte 0x23", True),
     "corrupted-map-crc": (_set_map_byte(0x02, fix_crc=False), "crc32", True),
+    "infinite-scale": (_set_value("d_proj.weight.scale", b"\x00\x7c"), "scale holds an infinite or NaN", True),
+    "nan-offset": (_set_value("d_proj.weight.offset", b"\x01\x7e"), "offset holds an infinite or NaN", True),
+    "nan-level": (_set_value("__levels__.b3", b"\x00\x00\xc0\x7f"), "infinite or NaN level", True),
     "missing-scale": (_mutate_header(_drop("d_proj.weight.scale")), "d_proj.weight.scale is missing", True),
     "missing-levels": (_mutate_header(_drop("__levels__.b3")), "no __levels__.b3", True),
     "duplicate-key": (_dup_key, "duplicate key", True),

@@ -917,7 +917,7 @@ def _validate(path: Path, raw: bytes, size: int, data: np.ndarray, mm, verify: b
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"entry {name!r} must be an object with dtype, shape and data_offsets")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise bad(f"{name}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
             raise bad(f"{name}: shape {shape!r} is not a list of non-negative integers")
@@ -1050,10 +1050,17 @@ def _check_tensor_data(path, info: TensorInfo, buffers: dict[str, BufferInfo], d
     n_scaled = int((bits > 0).sum())
     if buffers[f"{name}.scale"].shape[0] != n_scaled:
         raise bad(f"scale has {buffers[f'{name}.scale'].shape[0]:,} values, expected {n_scaled:,} (units with bits > 0)")
+    for suffix in ("offset", "scale"):
+        b = buffers[f"{name}.{suffix}"]
+        if not np.isfinite(data[b.begin : b.end].view("<f2")).all():
+            raise bad(f"{suffix} holds an infinite or NaN value (no quantizer writes one)")
     kinds = (m >> 4) & 1
     for depth in np.unique(bits[(kinds == 1) & (bits > 0)]).tolist():
-        if f"{LEVELS_PREFIX}{depth}" not in buffers:
+        table = buffers.get(f"{LEVELS_PREFIX}{depth}")
+        if table is None:
             raise bad(f"companded units at {depth} bits but no {LEVELS_PREFIX}{depth} level table")
+        if table.dtype == "F32" and not np.isfinite(data[table.begin : table.end].view("<f4")).all():
+            raise bad(f"{LEVELS_PREFIX}{depth} holds an infinite or NaN level")
 
 
 # =========================================================================== model side (torch)

@@ -706,6 +706,10 @@ int main(int argc, char **argv) {
                scale = load_checked(&pf, &crcs, 0, e_scale);
     if (total_bits % 8 && (codes.data[code_bytes - 1] >> (total_bits % 8)))
         fail("tensor %s: the unused high bits of the last code byte are not zero", tname);
+    for (uint64_t i = 0; i < n_units; i++) /* exponent all ones: infinity or NaN */
+        if (((off.data[2 * i + 1] >> 2) & 0x1F) == 0x1F) fail("tensor %s: offset holds an infinite or NaN value", tname);
+    for (uint64_t i = 0; i < n_scaled; i++)
+        if (((scale.data[2 * i + 1] >> 2) & 0x1F) == 0x1F) fail("tensor %s: scale holds an infinite or NaN value", tname);
     float *levels[9] = {NULL};
     for (int b = 1; b <= 8; b++) {
         if (!companded[b]) continue;
@@ -715,7 +719,10 @@ int main(int argc, char **argv) {
         if (!e || e->dtype != 2 || e->ndim != 1 || e->dim0 != (1ull << b)) fail("companded units at %d bits but no F32 [%d] %s", b, 1 << b, name);
         loaded_buf lb = load_checked(&pf, &crcs, 0, e);
         levels[b] = xmalloc(sizeof(float) << b);
-        for (int i = 0; i < (1 << b); i++) levels[b][i] = f32_le(lb.data + 4 * i);
+        for (int i = 0; i < (1 << b); i++) {
+            levels[b][i] = f32_le(lb.data + 4 * i);
+            if (!(levels[b][i] - levels[b][i] == 0.0f)) fail("%s holds an infinite or NaN level", name);
+        }
         free(lb.data);
     }
 
