@@ -9,7 +9,8 @@ Sizes: ``135m`` is the real default model (SmolLM2-135M-Instruct, loaded from
 its GGUF file by ``load_model``); ``0.5b``, ``1.5b`` and ``3b`` are Llama
 configurations with random weights (built in the child directly in the chosen
 dtype: time and memory do not depend on the weights' values) and SmolLM2's
-tokenizer and vocabulary. Calibration uses the built-in sample text with few,
+tokenizer and vocabulary; ``8b`` has Llama-3-8B's shape, its 128256-token
+embedding and untied head included (8.03B parameters). Calibration uses the built-in sample text with few,
 short windows so that the whole run stays within minutes; the time per token
 is ``calibrate()``'s whole time (output directions, forward and backward
 passes, statistics) over the tokens it calibrated on.
@@ -17,7 +18,7 @@ passes, statistics) over the tokens it calibrated on.
 The goal checked: peak RSS <= 1.3 x the model's bfloat16 bytes + 2 GB, and a
 time per token linear in the parameter count (least-squares fit, residuals).
 
-    python benchmarks/bench_scale.py [--sizes 135m,0.5b,1.5b,3b] [--dtype bfloat16]
+    python benchmarks/bench_scale.py [--sizes 135m,0.5b,1.5b,3b,8b] [--dtype bfloat16]
         [--windows 2] [--seq-len 128] [--json docs/results/engine/scale.json]
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ SYNTHETIC = {
     "0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=4),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=30, num_attention_heads=12, num_key_value_heads=2),
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=38, num_attention_heads=16, num_key_value_heads=2),
+    # Llama-3-8B's shape: its 128256-row embedding and untied head (SmolLM2's tokenizer uses the first 49152 rows)
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, tie_word_embeddings=False),
 }
 SIZES = ("135m", *SYNTHETIC)
 
@@ -61,8 +65,8 @@ def build(size: str, dtype: str):
 
     gguf = default_model_path()  # only its tokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True,
-                         rope_theta=10000.0, **SYNTHETIC[size])
+    shape = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **SYNTHETIC[size]}
+    config = LlamaConfig(max_position_embeddings=2048, rope_theta=10000.0, **shape)
     torch.manual_seed(0)
     # Built directly in the target dtype (no float32 copy first); transformers' own random init.
     model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()

@@ -596,6 +596,10 @@ def calibrate(loaded: LoadedModel, windows: np.ndarray, settings: CalibrationSet
         if ref.name in in_sum:
             mean = (in_sum[ref.name] / tokens).float().cpu().numpy()
             sq = (in_sq[ref.name] / tokens).float().cpu().numpy()
+        if not np.isfinite(grad_sq).all():
+            raise CvxqError(f"calibration gave {ref.name} non-finite sensitivities: the model's outputs or gradients "
+                            "overflow on the calibration text", "check the model's weights (a damaged file?); calibrate in "
+                            "float32 (--dtype float32) if it ran in 16 bits")
         stats[ref.name] = WeightStats(grad_sq, (grads.row_sum[ref.name] / n_samples).float().cpu().numpy(), mean, sq)
     return Sensitivities(stats, settings, model_fingerprint(loaded), time.perf_counter() - start,
                          [float(v) for v in variances[:k].tolist()],

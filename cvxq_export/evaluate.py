@@ -26,6 +26,11 @@ class EvalResult:
         return asdict(self)
 
 
+def perplexity_from_nll(nll: float) -> float:
+    """exp(mean negative log-likelihood); infinite past float range (a broken model), never an OverflowError."""
+    return math.exp(nll) if nll < 709.0 else math.inf
+
+
 def evaluate(model, windows: np.ndarray, reference=None, *, device: str = "cpu", progress: bool = True,
              desc: str = "eval") -> EvalResult:
     """Perplexity of ``model`` over ``windows`` ``[n, T]``; with ``reference``,
@@ -51,7 +56,7 @@ def evaluate(model, windows: np.ndarray, reference=None, *, device: str = "cpu",
             count += target.numel()
     nll = total_nll / count
     return EvalResult(
-        perplexity=math.exp(nll), nll=nll, tokens=count, windows=len(windows), seq_len=int(windows.shape[1]),
+        perplexity=perplexity_from_nll(nll), nll=nll, tokens=count, windows=len(windows), seq_len=int(windows.shape[1]),
         kl=total_kl / count if reference is not None else None,
         top1_agreement=agree / count if reference is not None else None,
     )

@@ -24,7 +24,7 @@ def checked_gguf_header(path: str | Path) -> GGUFHeader:
     """The header of ``path`` after every check below; a clear error otherwise."""
     path = str(path)
     header = read_gguf_header(path)
-    problems = _tensor_problems(header, path) + _hyperparameter_problems(header)
+    problems = _tensor_problems(header, path) + _hyperparameter_problems(header) + _tokenizer_problems(header)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CvxqError(f"{path} is not a usable GGUF model: {shown}", FIX)
@@ -67,6 +67,24 @@ def _tensor_problems(header: GGUFHeader, path: str) -> list[str]:
     return problems
 
 
+TOKEN_ID_KEYS = ("bos", "eos", "unk", "pad", "sep", "cls", "mask", "eot", "eom")
+
+
+def _tokenizer_problems(header: GGUFHeader) -> list[str]:
+    """Special-token ids must name a token of the vocabulary (the tokenizer indexes it with them)."""
+    n_tokens = header.array_lengths.get("tokenizer.ggml.tokens")
+    if n_tokens is None:
+        return []
+    problems = []
+    for kind in TOKEN_ID_KEYS:
+        key = f"tokenizer.ggml.{kind}_token_id"
+        if key in header.values:
+            v = _number(header.values[key])
+            if v is None or v != int(v) or not 0 <= v < n_tokens:
+                problems.append(f"{key} = {header.values[key]!r} is not a token of the {n_tokens}-token vocabulary")
+    return problems
+
+
 def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -101,6 +119,9 @@ def _hyperparameter_problems(header: GGUFHeader) -> list[str]:
         problems.append(f"{arch}.attention.head_count {heads} is not a multiple of head_count_kv {kv_heads}")
     integer("context_length", 1, MAX_CONTEXT)
     integer("embedding_length", 1, MAX_WIDTH)
+    rope_dims = integer("rope.dimension_count", 2, MAX_WIDTH)
+    if rope_dims is not None and rope_dims % 2:
+        problems.append(f"{arch}.rope.dimension_count = {rope_dims} (expected an even number: rotations act on pairs)")
     integer("feed_forward_length", 1, MAX_WIDTH)
     for key in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
         if key in hp:

@@ -67,6 +67,7 @@ class GGUFHeader:
     tensors: list[TensorInfo] = field(default_factory=list)
     types: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # key -> (value type, array item type)
     data_offset: int = 0  # where the tensor data section starts
+    array_lengths: dict[str, int] = field(default_factory=dict)  # key -> items, for every array (read or not)
 
     def tensor_data(self, path: str | Path, info: TensorInfo):
         """The stored bytes of one tensor as a read-only memory map ``[rows, bytes per row]`` uint8
@@ -185,10 +186,13 @@ def _parse(c: _Cursor) -> GGUFHeader:
     n_kv = c.count("metadata count", 8 + 4)
     values: dict[str, object] = {}
     types: dict[str, tuple[int, int | None]] = {}
+    lengths: dict[str, int] = {}
     for _ in range(n_kv):
         key = c.string()
         (vtype,) = c.take("<I")
         item = struct.unpack_from("<I", c.buf, c.pos)[0] if vtype == 9 and c.pos + 4 <= c.size else None
+        if item is not None and key is not None and c.pos + 12 <= c.size:
+            lengths[key] = struct.unpack_from("<Q", c.buf, c.pos + 4)[0]
         value = _value(c, vtype, depth=0)
         if key is not None and value is not _SKIPPED:
             values[key] = value
@@ -208,7 +212,7 @@ def _parse(c: _Cursor) -> GGUFHeader:
     if not isinstance(alignment, int) or not 0 < alignment <= 1 << 20:
         raise c.fail(f"general.alignment {alignment!r}")
     data_offset = -(-c.pos // alignment) * alignment
-    return GGUFHeader(int(version), values, tensors, types, data_offset)
+    return GGUFHeader(int(version), values, tensors, types, data_offset, lengths)
 
 
 _SKIPPED = object()

@@ -142,6 +142,23 @@ def _cached_hub_dir(repo_id: str) -> Path | None:
         return None
 
 
+def _check_finite(model, display: str) -> None:
+    """Every weight finite: a NaN or an infinity (a damaged file) would otherwise surface
+    much later as a non-finite distortion or perplexity."""
+    import torch
+
+    step = 1 << 24  # elements checked at a time: the boolean mask stays at 16 MB
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                continue
+            flat = p.detach().reshape(-1)
+            for lo in range(0, flat.numel(), step):
+                if not bool(torch.isfinite(flat[lo:lo + step]).all()):
+                    raise CvxqError(f"{display}: weight {name} holds NaN or infinite values",
+                                    "the model file is damaged: convert or download it again")
+
+
 def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "auto", device_map: Any = None,
                max_memory: dict | None = None, offload_folder: str | None = None) -> LoadedModel:
     """Load model + tokenizer and list its quantizable weights.
@@ -204,8 +221,13 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: str = "au
         raise CvxqError(f"cannot load {source.display}: {_first_line(exc)}", "check the model files") from None
     except (OSError, RuntimeError) as exc:
         raise CvxqError(f"cannot load {source.display}: {_first_line(exc)}", "check the model files") from None
-    tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items()
-                                                            if k not in ("device_map", "max_memory", "offload_folder", "config")})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items()
+                                                                if k not in ("device_map", "max_memory", "offload_folder", "config")})
+    except Exception as exc:  # tokenizers raises plain Exceptions (e.g. a merge of tokens not in the vocabulary)
+        raise CvxqError(f"cannot build the tokenizer of {source.display}: {_first_line(exc)}",
+                        "check that the model files are complete (the vocabulary and merges are damaged)") from None
+    _check_finite(model, source.display)
     if source.kind == "gguf" and device_map is None and copy is None:
         model_cache.save_copy(source.path, dtype, model, tokenizer)
     if copy is not None:  # the config names the model's folder, as when read from the GGUF (writers store it)

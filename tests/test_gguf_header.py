@@ -102,8 +102,12 @@ def _model_file(path, **overrides):
           "attention.head_count": 4, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-5}
     with_tensors = overrides.pop("tensors", True)
     quantized_norm = overrides.pop("quantized_norm", False)
+    eos = overrides.pop("eos_token_id", None)
     hp.update(overrides)
     writer = gguf.GGUFWriter(str(path), "llama")
+    if eos is not None:
+        writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+        writer.add_uint32("tokenizer.ggml.eos_token_id", eos)
     for key, value in hp.items():
         if value is None:
             continue
@@ -135,6 +139,9 @@ BAD_FILES = {
     "context 0": ({"context_length": 0}, "context_length"),
     "no tensors (random weights)": ({"tensors": False}, "no tensors"),
     "a Q4_0 norm (llama.cpp aborts in its multiply)": ({"quantized_norm": True}, "must be F32, F16 or BF16"),
+    "eos token outside the vocabulary (IndexError in transformers)": ({"eos_token_id": 3}, "3-token vocabulary"),
+    "rope dimension 0 (division by zero)": ({"rope.dimension_count": 0}, "rope.dimension_count"),
+    "rope dimension odd": ({"rope.dimension_count": 7}, "even number"),
 }
 
 

@@ -86,3 +86,31 @@ def test_device_profile_not_utf8(capsys, tmp_path):
     path.write_bytes(b'name = "b\xff\xfe"\n')
     code = main(["fit", "--device", str(path), "-o", str(tmp_path / "o")])
     assert code == 2 and "is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_weight_with_nan_is_refused_at_load(tmp_path, tiny_llama_dir):
+    """A damaged weight (NaN or inf) is named at load time, not found later as a non-finite
+    distortion or perplexity."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from cvxq_export.errors import CvxqError
+    from cvxq_export.model import load_model
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][3, 5] = float("inf")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CvxqError, match=f"weight {name} holds NaN or infinite values"):
+        load_model(str(bad))
+
+
+def test_perplexity_of_a_broken_model_is_infinite_not_an_overflow():
+    import math
+
+    from cvxq_export.evaluate import perplexity_from_nll
+
+    assert perplexity_from_nll(1e4) == math.inf and perplexity_from_nll(0.0) == 1.0

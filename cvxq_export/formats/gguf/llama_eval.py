@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CvxqError, missing_extra
-from ...evaluate import EvalResult
+from ...evaluate import EvalResult, perplexity_from_nll
 
 
 def _has_amx() -> bool:
@@ -68,6 +68,17 @@ def open_llama(path: str | Path, **kwargs):
                         "check the file with llama.cpp's own tools; a model llama.cpp does not support cannot run there") from None
 
 
+@contextmanager
+def _llama_errors(path):
+    """llama.cpp's failures while evaluating (llama-cpp-python raises RuntimeError, e.g.
+    "llama_decode returned 1") as a clear error."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise CvxqError(f"llama.cpp could not evaluate {path}: {exc}",
+                        "check the file with llama.cpp's own tools; it may be damaged") from None
+
+
 def llama_perplexity(path: str, windows: np.ndarray, *, threads: int | None = None, progress: bool = True) -> EvalResult:
     from tqdm.auto import tqdm
 
@@ -77,21 +88,23 @@ def llama_perplexity(path: str, windows: np.ndarray, *, threads: int | None = No
     total, count = 0.0, 0
     for row in tqdm(windows, desc="llama.cpp ppl", unit="window", disable=not progress):
         llm.reset()
-        llm.eval([int(t) for t in row])
+        with _llama_errors(path):
+            llm.eval([int(t) for t in row])
         logits = np.asarray(llm.scores[: seq - 1], dtype=np.float64)  # [T-1, V]
         m = logits.max(1, keepdims=True)
         logz = m[:, 0] + np.log(np.exp(logits - m).sum(1))
         total += float((logz - logits[np.arange(seq - 1), row[1:]]).sum())
         count += seq - 1
     nll = total / count
-    return EvalResult(math.exp(nll), nll, count, len(windows), seq)
+    return EvalResult(perplexity_from_nll(nll), nll, count, len(windows), seq)
 
 
 def llama_generate(path: str, prompt: str, n_tokens: int = 16) -> tuple[str, float]:
     """A few greedy tokens and the decode speed (tokens/s)."""
     llm = open_llama(path, n_ctx=256, verbose=False, n_gpu_layers=0)
     start = time.perf_counter()
-    out = llm(prompt, max_tokens=n_tokens, temperature=0.0)
+    with _llama_errors(path):
+        out = llm(prompt, max_tokens=n_tokens, temperature=0.0)
     elapsed = time.perf_counter() - start
     text = out["choices"][0]["text"]
     return text, out["usage"]["completion_tokens"] / max(elapsed, 1e-9)
@@ -122,7 +135,8 @@ def llama_speed(path: str, prompt_ids: list[int], n_tokens: int = 128, *, thread
                      n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, logits_all=False)
     prefill, decode = [], []
     for _ in range(repeats):
-        prefill_s, decode_s = timed_greedy_run(llm, prompt_ids, n_tokens)
+        with _llama_errors(path):
+            prefill_s, decode_s = timed_greedy_run(llm, prompt_ids, n_tokens)
         prefill.append(len(prompt_ids) / prefill_s)
         decode.append(n_tokens / decode_s)
     return {"prefill_tok_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode)), "threads": threads,

@@ -770,6 +770,7 @@ class OrtDecoder:
     def __init__(self, path: str | Path, *, threads: int | None = None, optimized_path: str | Path | None = None,
                  accuracy_level: int | None = None) -> None:
         ort = _ort()
+        self.path = Path(path)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -804,7 +805,12 @@ class OrtDecoder:
         b, t = ids.shape
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, p + t), np.int64),
                  "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)).copy(), **past}
-        logits, *present = self.session.run(None, feeds)
+        try:
+            logits, *present = self.session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT's Fail/RuntimeException types for a graph that cannot run
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CvxqError(f"ONNX Runtime could not run {self.path}: {first[:300]}",
+                            "the file is damaged (it loaded but a node fails on its data): write it again") from None
         names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
         return logits, dict(zip(names, present))
 
@@ -823,7 +829,7 @@ class OrtDecoder:
         """Each window from an empty cache, the first token unscored (evaluate.py's protocol)."""
         from tqdm.auto import tqdm
 
-        from ...evaluate import EvalResult
+        from ...evaluate import EvalResult, perplexity_from_nll
 
         nll, count = 0.0, 0
         for row in tqdm(windows, desc=desc, unit="window", disable=not progress):
@@ -834,7 +840,7 @@ class OrtDecoder:
             nll -= float(logp[np.arange(len(row) - 1), np.asarray(row)[1:]].sum())
             count += len(row) - 1
         mean = nll / count
-        return EvalResult(math.exp(mean), mean, count, len(windows), int(windows.shape[1]))
+        return EvalResult(perplexity_from_nll(mean), mean, count, len(windows), int(windows.shape[1]))
 
 
 @dataclass
