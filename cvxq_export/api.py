@@ -202,7 +202,7 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
             budgets[n] = b
 
     # ---- calibrate once for every format (cached)
-    from .pipeline import calibrate_cached, input_hessians_cached
+    from .pipeline import calibrate_cached, input_hessians_cached, moments_fit_alone
 
     t = time.perf_counter()
     outcome = calibrate_cached(loaded, calibration, settings, device=tdev, progress=options.progress, use_cache=use_cache,
@@ -225,6 +225,14 @@ def fit(model: str | None = None, *, budget: int | str | None = None, device: st
         t0 = time.perf_counter()
         h, cached = input_hessians_cached(loaded, calibration, settings, progress=options.progress, use_cache=use_cache)
         timings["input_moments_s"] = time.perf_counter() - t0
+        if h is None:
+            from .sizes import format_size
+
+            _, need, free = moments_fit_alone(loaded, tdev)
+            log(f"error feedback: off: the input second moments of this model take {format_size(need)}, more than "
+                f"half the free memory ({format_size(free)}); each block is rounded on its own (--no-error-feedback "
+                "says so up front)")
+            return None
         log(f"error feedback: input second moments {'from the cache' if cached else 'collected and cached'} "
             f"(turn off with --no-error-feedback)")
         return h

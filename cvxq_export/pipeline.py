@@ -87,14 +87,28 @@ def calibrate_cached(loaded: LoadedModel, calibration: str | None, settings: Cal
     return CalibrationOutcome(sens, path, False, sens.input_moments)
 
 
-def _moments_fit_in_memory(loaded: LoadedModel, device: str) -> bool:
-    """Whether the moment sums (float64 ``[cols, cols]`` per distinct input, counted here
-    per weight: an upper bound) can sit beside calibration within a quarter of the free memory."""
+def moment_sum_bytes(loaded: LoadedModel) -> int:
+    """Bytes of the moment sums (float64 ``[cols, cols]`` per distinct input, counted here
+    per weight: an upper bound)."""
     from .activations import input_module
+
+    return sum(8 * r.cols * r.cols for r in loaded.weights if input_module(loaded, r) is not None)
+
+
+def _moments_fit_in_memory(loaded: LoadedModel, device: str) -> bool:
+    """Whether the moment sums can sit beside calibration within a quarter of the free memory."""
     from .memory import available_bytes
 
-    need = sum(8 * r.cols * r.cols for r in loaded.weights if input_module(loaded, r) is not None)
-    return need < available_bytes(device) // 4
+    return moment_sum_bytes(loaded) < available_bytes(device) // 4
+
+
+def moments_fit_alone(loaded: LoadedModel, device: str = "cpu") -> tuple[bool, int, int]:
+    """Whether a pass of its own can hold the moment sums (within half the free memory):
+    (fits, bytes needed, bytes free). An 8B Llama needs about 66 GB: error feedback is then off."""
+    from .memory import available_bytes
+
+    need, free = moment_sum_bytes(loaded), available_bytes(device)
+    return need < free // 2, need, free
 
 
 def select_weights(loaded: LoadedModel, scope: str) -> list[WeightRef]:
@@ -282,17 +296,20 @@ def save_moments(path: Path, moments: dict[str, np.ndarray]) -> None:
 
 def input_hessians_cached(loaded: LoadedModel, calibration: str | None, settings: CalibrationSettings, *,
                           n_windows: int = MOMENT_WINDOWS, progress: bool = True, use_cache: bool = True
-                          ) -> tuple[dict[str, np.ndarray], bool]:
+                          ) -> tuple[dict[str, np.ndarray] | None, bool]:
     """:func:`input_hessians`, cached in :func:`cache_dir` under the model, text and settings
     (calibration leaves them there when it runs with ``moments=True``): collecting them
     takes a minute or two for SmolLM2 (32 forward windows of 512 tokens), reading their
-    ~0.4 GB back a second. Returns (moments, whether they came from the cache)."""
+    ~0.4 GB back a second. Returns (moments, whether they came from the cache); (None, False)
+    when they are not cached and would not fit in half the free memory (:func:`moments_fit_alone`)."""
     text, source = read_text(calibration)
     settings = CalibrationSettings(**{**asdict(settings), "calibration": source})
     path = moments_path(loaded, text, settings, n_windows)
     cached = load_moments(path) if use_cache else None
     if cached is not None:
         return cached, True
+    if not moments_fit_alone(loaded)[0]:
+        return None, False
     moments = input_hessians(loaded, calibration, settings, n_windows=n_windows, progress=progress)
     save_moments(path, moments)
     return moments, False

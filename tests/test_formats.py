@@ -106,3 +106,21 @@ def test_input_moments_are_cached_and_shared(tiny_llama_dir):
         assert np.array_equal(first[name], again[name])
     q, k = (next(n for n in again if n.endswith(f"layers.0.self_attn.{p}_proj.weight")) for p in "qk")
     assert np.array_equal(again[q], again[k])  # q and k read the same input
+
+
+def test_error_feedback_turns_off_when_the_moments_cannot_fit(tiny_llama_dir, monkeypatch, tmp_path, capsys):
+    """A model whose input second moments exceed half the free memory (an 8B Llama needs
+    ~66 GB) is written without error feedback, and the log says why, instead of running
+    out of memory."""
+    import cvxq_export.pipeline as pipeline
+    from cvxq_export.cli import main
+
+    monkeypatch.setenv("CVXQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "moment_sum_bytes", lambda loaded: 1 << 50)  # 1 PB
+    out = tmp_path / "out"
+    assert main(["fit", str(tiny_llama_dir), "--budget", "110kB", "--format", "packed", "-o", str(out),
+                 "--no-analysis", "--windows", "3", "--seq-len", "32", "--n-pcs", "8", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "error feedback: off: the input second moments of this model take" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["packed"]["error_feedback"] == []
