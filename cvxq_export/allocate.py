@@ -45,6 +45,15 @@ UNIT_BITS = {"bits": 1, "bytes": 8}
 _CHUNK = 1 << 17  # units per hull chunk: bounds the temporaries, keeps them cache friendly
 
 
+class NonFiniteDistortion(ValueError):
+    """A menu entry whose distortion is NaN or infinite (the weights or the sensitivities
+    overflow: a damaged model); ``unit`` is the first such unit."""
+
+    def __init__(self, unit: int):
+        super().__init__(f"unit {unit} has a non-finite distortion")
+        self.unit = unit
+
+
 @dataclass
 class Menu:
     """Per-unit options. Costs are exact integers in the caller's unit."""
@@ -80,7 +89,7 @@ class Menu:
             bad_d &= self.legal
             bad_c &= self.legal
         if bad_d.any():
-            raise ValueError(f"unit {int(np.argmax(bad_d.any(1)))} has a non-finite distortion")
+            raise NonFiniteDistortion(int(np.argmax(bad_d.any(1))))
         if bad_c.any():
             raise ValueError(f"unit {int(np.argmax(bad_c.any(1)))} has a negative cost")
 

@@ -361,6 +361,19 @@ def _restore(loaded, snap: WeightSnapshot) -> None:
             state[name].copy_(torch.load(path, mmap=True, weights_only=True))
 
 
+def _built_menu(ctx: FitContext, fmt, **kwargs) -> FormatMenu:
+    """``fmt.build_menu``, with a menu that overflows (a damaged model) as a clear error."""
+    from .allocate import NonFiniteDistortion
+
+    try:
+        return fmt.build_menu(ctx, **kwargs)
+    except NonFiniteDistortion as exc:
+        largest = max(float(p.detach().abs().max()) for p in ctx.loaded.model.parameters() if p.numel())
+        raise CvxqError(f"the {fmt.name} menu of {ctx.loaded.source.display} has a NaN or infinite distortion "
+                        f"(unit {exc.unit}): its errors overflow float32 (largest |weight| {largest:.3g})",
+                        "check the model file; it is probably damaged") from None
+
+
 def menu_for(ctx: FitContext, fmt, cache_dir: Path, log=_stderr) -> FormatMenu:
     """The format's menu, from the cache next to the sensitivities when it is there."""
     from .menu_cache import load_distortion, menu_path, save_distortion
@@ -374,7 +387,7 @@ def menu_for(ctx: FitContext, fmt, cache_dir: Path, log=_stderr) -> FormatMenu:
             return menu
         except ValueError:  # a stale entry (another model layout): rebuild it
             pass
-    menu = fmt.build_menu(ctx)
+    menu = _built_menu(ctx, fmt)
     if ctx.sens_key:
         save_distortion(path, menu.menu.distortion)
     log(f"{fmt.name} menu: {menu.built_s:.0f} s, {menu.menu.n_units:,} units x {menu.menu.n_options} options "
@@ -507,7 +520,7 @@ def export_one(name: str, loaded, sens, budget: int, out_dir: str | Path, *, opt
         ctx.reference = copy.deepcopy(loaded.model)
     fmt.check_supported(loaded, options)
     if plan is None:
-        menu = menu or fmt.build_menu(ctx)
+        menu = menu or _built_menu(ctx, fmt)
         plan = fmt.plan(ctx, budget, menu)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

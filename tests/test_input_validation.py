@@ -114,3 +114,22 @@ def test_perplexity_of_a_broken_model_is_infinite_not_an_overflow():
     from cvxq_export.evaluate import perplexity_from_nll
 
     assert perplexity_from_nll(1e4) == math.inf and perplexity_from_nll(0.0) == 1.0
+
+
+@pytest.mark.parametrize("value", [3e38, 1e30])
+def test_weights_that_overflow_are_a_clear_error(capsys, tmp_path, tiny_llama_dir, value):
+    """Finite but absurd weights (a damaged file) make calibration or the menu overflow: a
+    one-line error, not a traceback from deep inside the allocator."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, :8] = value
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    code = main(["plan", str(bad), "--budget", "110kB", "--format", "packed", "-o", str(tmp_path / "o"),
+                 "--windows", "2", "--seq-len", "16", "--n-pcs", "4", "-q", "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and ("non-finite" in err or "NaN or infinite" in err), err
