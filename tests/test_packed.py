@@ -222,14 +222,15 @@ def test_writer_refuses_float16_overflow(synth, tmp_path):
 
 def _zero_bit_tensor_of_every_half():
     """256 x 256 one-weight units at zero bits whose offsets are every float16
-    bit pattern (NaNs replaced by zero): exercises the fp16 -> fp32 conversion."""
+    bit pattern (NaNs and infinities, which the format refuses, replaced by zero):
+    exercises the fp16 -> fp32 conversion, subnormals included."""
     import torch
 
     from cvxq_export.model import WeightRef
     from cvxq_export.native import NativeTensor
 
     h = np.arange(65536, dtype=np.uint16).view(np.float16).copy()
-    h[np.isnan(h)] = 0
+    h[~np.isfinite(h)] = 0
     offset = torch.from_numpy(h)
     ref = WeightRef("halves.weight", "halves", 256, 256, "linear")
     return NativeTensor(ref, 1, 1, np.zeros(65536, np.uint8), [torch.zeros(65536, 1, dtype=torch.uint8)], offset,
